@@ -1,0 +1,14 @@
+"""net2grow's growth engine: exact Net2Net widening and deepening of traced PyTorch models."""
+
+from .errors import FunctionNotPreservedError, GrowthError, TraceError, UnsupportedLayerError
+from .network import GrowableNetwork
+from .record import GrowthRecord
+
+__all__ = [
+    "FunctionNotPreservedError",
+    "GrowableNetwork",
+    "GrowthError",
+    "GrowthRecord",
+    "TraceError",
+    "UnsupportedLayerError",
+]

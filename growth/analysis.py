@@ -1,0 +1,194 @@
+"""The channel analysis pass: a layout for every tensor of the graph, and the coupled spaces.
+
+It walks the traced graph once, in order. Every layer that creates units (``Linear``, ``Conv``)
+opens a new space; every other node derives its output layout from its inputs through its rule.
+Tensors joined elementwise (residual adds, gating) merge their spaces, so one unit mapping serves
+all of them. A space reaching something without a rule, or the network's output, is *blocked*:
+widening it is refused with the reason recorded here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from .errors import REGISTER_HINT, UnsupportedLayerError
+from .layout import Layout, Segment, SpaceTable
+
+
+def tensor_args(node: fx.Node) -> Iterator[fx.Node]:
+    """Nodes among ``node``'s arguments (nested lists and dicts included), in order."""
+    for n in node.all_input_nodes:
+        yield n
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of the pass: layouts per node, spaces, and where each module is called."""
+
+    layouts: dict[fx.Node, Layout | None]
+    spaces: SpaceTable
+    module_nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
+
+    def input_layout(self, node: fx.Node) -> Layout | None:
+        first = node.args[0] if node.args else None
+        return self.layouts.get(first) if isinstance(first, fx.Node) else None
+
+
+class AnalysisContext:
+    """What a rule sees while the pass infers one node's layout."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.spaces = SpaceTable()
+        self.layouts: dict[fx.Node, Layout | None] = {}
+        self._module_space: dict[str, int] = {}
+        self._module_input: dict[str, Layout | None] = {}
+        self.node: fx.Node | None = None
+
+    # --- reading the graph -------------------------------------------------------------------
+    def layout(self, arg: Any) -> Layout | None:
+        return self.layouts.get(arg) if isinstance(arg, fx.Node) else None
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        return arg.meta.get("shape") if isinstance(arg, fx.Node) else None
+
+    def arg(self, node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+        """A call argument given positionally or by keyword."""
+        if len(node.args) > index:
+            return node.args[index]
+        return node.kwargs.get(name, default)
+
+    # --- making layouts ------------------------------------------------------------------------
+    def fixed(self, node: fx.Node, reason: str, dim: int = 1) -> Layout | None:
+        """A layout of units that can never grow (network input, output of an opaque op)."""
+        shape = self.shape(node)
+        if shape is None or len(shape) == 0:
+            return None
+        dim = min(dim, len(shape) - 1)
+        space = self.spaces.new(shape[dim], reason)
+        self.spaces.block(space, reason, UnsupportedLayerError)
+        return Layout(dim, (Segment(space, shape[dim]),))
+
+    def module_space(self, name: str, width: int) -> int:
+        """The space of the units created by module ``name`` (one per module, however often called)."""
+        if name not in self._module_space:
+            self._module_space[name] = self.spaces.new(width, name)
+        return self._module_space[name]
+
+    def passthrough(self, node: fx.Node) -> Layout | None:
+        """Output layout equal to the first input's (same rank) or re-aligned to the output rank."""
+        src = node.args[0] if node.args else None
+        layout = self.layout(src)
+        if layout is None:
+            return self.fixed(node, f"output of {describe(node)}")
+        in_shape, out_shape = self.shape(src), self.shape(node)
+        if in_shape is None or out_shape is None:
+            return None
+        dim = layout.dim + len(out_shape) - len(in_shape)
+        if dim < 0 or out_shape[dim] != in_shape[layout.dim]:
+            return self.opaque(node, "changes the channel dimension")
+        return layout.with_dim(dim)
+
+    def opaque(self, node: fx.Node, why: str = "has no growth rule") -> Layout | None:
+        """Block every input space of ``node``; its output units are fixed."""
+        reason = f"{describe(node)} {why}; {REGISTER_HINT}"
+        for arg in tensor_args(node):
+            self.spaces.block_layout(self.layout(arg), reason, UnsupportedLayerError)
+        return self.fixed(node, f"output of {describe(node)}")
+
+    def join(self, layouts: list[Layout], node: fx.Node) -> Layout | None:
+        """Merge layouts that must carry the same units (elementwise ops, shared layers)."""
+        first = layouts[0]
+        for other in layouts[1:]:
+            same = other.dim == first.dim and len(other.segments) == len(first.segments)
+            same = same and all(
+                a.units == b.units and a.expand == b.expand
+                for a, b in zip(first.segments, other.segments)
+            )
+            if not same:
+                reason = f"{describe(node)} joins tensors whose channels are built differently"
+                for lay in layouts:
+                    self.spaces.block_layout(lay, reason)
+                return first
+        for other in layouts[1:]:
+            for a, b in zip(first.segments, other.segments):
+                self.spaces.union(a.space, b.space)
+        return first
+
+    def shared_input(self, name: str, layout: Layout | None, node: fx.Node) -> None:
+        """A module with weights called more than once reads the same units at every call."""
+        if name in self._module_input:
+            prev = self._module_input[name]
+            if prev is not None and layout is not None:
+                self.join([prev, layout], node)
+        else:
+            self._module_input[name] = layout
+
+
+def describe(node: fx.Node) -> str:
+    """Human-readable name of a node for error messages."""
+    if node.op == "call_module":
+        return f"layer {node.target!r}"
+    if node.op == "call_function":
+        name = getattr(node.target, "__qualname__", getattr(node.target, "__name__", str(node.target)))
+        mod = getattr(node.target, "__module__", "") or ""
+        return f"function {mod + '.' if mod else ''}{name} (node {node.name!r})"
+    if node.op == "call_method":
+        return f"method .{node.target}() (node {node.name!r})"
+    return f"{node.op} {node.target!r}"
+
+
+def _block_output(ctx: AnalysisContext, node: fx.Node) -> None:
+    from .errors import GrowthError
+
+    for arg in tensor_args(node):
+        lay = ctx.layout(arg)
+        if lay is None:
+            continue
+        reason = "it is (or feeds) the network's output, whose width is fixed"
+        ctx.spaces.block_layout(lay, reason, GrowthError)
+
+
+def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
+    """Run the pass over ``graph`` (shapes recorded by ``tracing.record_shapes``)."""
+    from .rules import function_rule_for, module_rule_for
+
+    ctx = AnalysisContext(root)
+    module_nodes: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            layout = ctx.fixed(node, "the network's input, whose width is fixed")
+        elif node.op == "get_attr":
+            layout = None  # constants: checked by the ops that use them
+        elif node.op == "output":
+            _block_output(ctx, node)
+            continue
+        elif node.op == "call_module":
+            name = str(node.target)
+            module = root.get_submodule(name)
+            module_nodes.setdefault(name, []).append(node)
+            rule = module_rule_for(module)
+            if rule is None:
+                layout = ctx.opaque(
+                    node, f"is a {type(module).__name__}, a layer type with no growth rule"
+                )
+            else:
+                if any(True for _ in module.parameters(recurse=False)) or any(
+                    True for _ in module.buffers(recurse=False)
+                ):
+                    ctx.shared_input(name, ctx.layout(node.args[0] if node.args else None), node)
+                layout = rule.infer(ctx, name, module, node)
+        else:  # call_function, call_method
+            rule = function_rule_for(node)
+            layout = ctx.opaque(node) if rule is None else rule.infer(ctx, node)
+        shape = node.meta.get("shape")
+        if layout is not None and (shape is None or layout.size != shape[layout.dim]):
+            ctx.spaces.block_layout(layout, f"{describe(node)}: channel bookkeeping mismatch")
+            layout = ctx.fixed(node, f"output of {describe(node)}")
+        ctx.layouts[node] = layout
+    return ChannelAnalysis(ctx.layouts, ctx.spaces, module_nodes)

@@ -1,0 +1,119 @@
+"""Channel layouts: which growable unit spaces a tensor's channel dimension is made of.
+
+A *space* is a set of units that grow together (the outputs of one layer, or of several layers
+joined by a residual add). A tensor's channel dimension is a sequence of :class:`Segment`s, each a
+run of one space's units, every unit spread over ``expand`` consecutive positions (a channel
+flattened with its H*W spatial positions, or a depthwise conv's channel multiplier).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import GrowthError, UnsupportedLayerError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``units`` units of ``space``, each covering ``expand`` consecutive positions."""
+
+    space: int
+    units: int
+    expand: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.units * self.expand
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The channel structure of one tensor: its channel dim and the segments along it."""
+
+    dim: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def with_dim(self, dim: int) -> Layout:
+        return Layout(dim, self.segments)
+
+    def expanded(self, factor: int) -> Layout:
+        """Each unit spread over ``factor`` times as many positions."""
+        return Layout(
+            self.dim, tuple(Segment(s.space, s.units, s.expand * factor) for s in self.segments)
+        )
+
+
+@dataclass
+class Block:
+    """Why a space cannot grow, and which error to raise."""
+
+    reason: str
+    error: type[GrowthError] = GrowthError
+
+
+@dataclass
+class _SpaceInfo:
+    width: int
+    origin: str
+    blocks: list[Block] = field(default_factory=list)
+    groups: int = 1  # new units must keep this many equal contiguous blocks (grouped convs)
+
+
+class SpaceTable:
+    """Union-find over unit spaces, with each group's width, blocks and grouping constraint."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self._info: list[_SpaceInfo] = []
+
+    def new(self, width: int, origin: str) -> int:
+        self._parent.append(len(self._parent))
+        self._info.append(_SpaceInfo(width, origin))
+        return len(self._parent) - 1
+
+    def find(self, space: int) -> int:
+        root = space
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[space] != root:
+            self._parent[space], space = root, self._parent[space]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ia, ib = self._info[ra], self._info[rb]
+        if ia.width != ib.width:
+            raise GrowthError(f"internal: joining spaces of widths {ia.width} and {ib.width}")
+        self._parent[rb] = ra
+        ia.blocks.extend(ib.blocks)
+        ia.groups = math.lcm(ia.groups, ib.groups)
+        return ra
+
+    def info(self, space: int) -> _SpaceInfo:
+        return self._info[self.find(space)]
+
+    def block(self, space: int, reason: str, error: type[GrowthError] = GrowthError) -> None:
+        self.info(space).blocks.append(Block(reason, error))
+
+    def block_layout(
+        self, layout: Layout | None, reason: str, error: type[GrowthError] = UnsupportedLayerError
+    ) -> None:
+        if layout is None:
+            return
+        for seg in layout.segments:
+            self.block(seg.space, reason, error)
+
+    def require_groups(self, space: int, groups: int) -> None:
+        info = self.info(space)
+        info.groups = math.lcm(info.groups, groups)
+
+    def members(self, space: int) -> list[int]:
+        root = self.find(space)
+        return [s for s in range(len(self._parent)) if self.find(s) == root]

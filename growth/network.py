@@ -1,0 +1,391 @@
+"""``GrowableNetwork``: a traced model that can be widened and deepened without changing its function."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import optim as optim_state
+from .analysis import ChannelAnalysis, analyse
+from .errors import FunctionNotPreservedError, GrowthError
+from .mapping import SPLITS, build_unit_mapping
+from .random import DeviceGenerators
+from .record import GrowthRecord
+from .rules import module_rule_for
+from .tracing import ShapeRecorder, trace
+from .transaction import Transaction
+from .transform import INITS
+from .verify import DEFAULT_TOLERANCE, allowed_error, eval_mode, output_difference
+from .widen import compute_values, plan_updates
+
+_PROBE_PREFIX = "_probe_"
+
+
+def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and all(
+        isinstance(t, Tensor) for t in example_inputs
+    ):
+        return tuple(example_inputs)
+    raise GrowthError(
+        "example_inputs must be a tensor or a tuple of tensors shaped like the model's inputs "
+        f"(with a batch dimension), got {type(example_inputs).__name__}"
+    )
+
+
+class GrowableNetwork(nn.Module):
+    """A PyTorch model traced into a layer graph that can grow without changing its function.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to grow. Its modules are adopted, not copied: parameter names stay those of
+        ``model`` (``net.state_dict()`` has the same keys), and after growth the
+        ``GrowableNetwork`` is the model to use.
+    example_inputs : Tensor or tuple of Tensor
+        A batch of inputs like the model's. Shapes are read from it, and up to ``probe_size`` of
+        its samples are kept (on the network's device) as the probe batch of verification.
+    tolerance : float
+        Largest accepted output change of a verified operation, relative to the output scale.
+    leaf_modules : iterable of types
+        Module types not to trace into (modules with data-dependent control flow). Those without
+        a growth rule block growth of the units they read.
+    probe_size : int
+        Number of samples kept for verification.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor | Sequence[Tensor],
+        *,
+        tolerance: float = DEFAULT_TOLERANCE,
+        leaf_modules: Iterable[type] = (),
+        probe_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise GrowthError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, GrowableNetwork):
+            raise GrowthError("model is already a GrowableNetwork: grow it directly")
+        inputs = _as_tuple(example_inputs)
+        self.tolerance = float(tolerance)
+        self.model_class = type(model).__name__
+        self.history: list[GrowthRecord] = []
+        self._graph = trace(model, leaf_modules)
+        self._adopt(model)
+        device = next((p.device for p in self.parameters()), inputs[0].device)
+        for i, t in enumerate(inputs):
+            self.register_buffer(
+                f"{_PROBE_PREFIX}{i}", t[:probe_size].detach().clone().to(device), persistent=False
+            )
+        self._analysis: ChannelAnalysis | None = None
+        self._deepen_count = 0
+        self._recompile()
+        self._run_probe()
+
+    # --- structure -----------------------------------------------------------------------------
+    def _adopt(self, model: nn.Module) -> None:
+        """Take ``model``'s children, parameters and buffers as this module's own."""
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        for node in self._graph.nodes:
+            if node.op == "get_attr" and "." not in str(node.target):
+                value = getattr(model, str(node.target))
+                if not hasattr(self, str(node.target)):
+                    if isinstance(value, Tensor):
+                        self.register_buffer(str(node.target), value)
+                    else:
+                        setattr(self, str(node.target), value)
+
+    def _recompile(self) -> None:
+        self._graph.lint()
+        code = self._graph.python_code(root_module="self")
+        namespace: dict[str, Any] = dict(code.globals)
+        exec(compile(code.src, f"<net2grow:{self.model_class}>", "exec"), namespace)
+        self.__dict__["_forward_fn"] = namespace["forward"]
+        self.__dict__["code"] = code.src
+        self._analysis = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__dict__["_forward_fn"](self, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_forward_fn", None)
+        state["_analysis"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._recompile()
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The traced layer graph (read it; change the network only through widen/deepen)."""
+        return self._graph
+
+    @property
+    def probe(self) -> tuple[Tensor, ...]:
+        return tuple(
+            b for n, b in sorted(self.named_buffers(recurse=False)) if n.startswith(_PROBE_PREFIX)
+        )
+
+    def _run_probe(self) -> Any:
+        """Forward the probe in eval mode, recording every node's shape; returns the output."""
+        with torch.no_grad(), eval_mode(self):
+            return ShapeRecorder(self, graph=self._graph).run(*self.probe)
+
+    @property
+    def analysis(self) -> ChannelAnalysis:
+        if self._analysis is None:
+            self._analysis = analyse(self, self._graph)
+        return self._analysis
+
+    # --- queries -------------------------------------------------------------------------------
+    def _layer_rule(self, name: str):
+        if not isinstance(name, str):
+            raise GrowthError(f"layer name must be a str, got {type(name).__name__}")
+        if name not in self.analysis.module_nodes:
+            try:
+                self.get_submodule(name)
+                where = "is not called in forward"
+            except AttributeError:
+                where = "is not a module of this network"
+            hint = ", ".join(self.layers[:8]) or "none"
+            raise GrowthError(f"unknown layer {name!r}: it {where}. Growable layers: {hint}")
+        module = self.get_submodule(name)
+        rule = module_rule_for(module)
+        if rule is None or not rule.is_layer:
+            raise GrowthError(
+                f"{name!r} ({type(module).__name__}) is not a layer whose width can be chosen; "
+                f"widen the Linear/Conv layer that produces its input"
+            )
+        return module, rule
+
+    def _group_of(self, name: str) -> tuple[int, int]:
+        """(space group, positions per unit) of layer ``name``'s output."""
+        layout = self.analysis.layouts[self.analysis.module_nodes[name][0]]
+        if layout is None or len(layout.segments) != 1:
+            raise GrowthError(f"layer {name!r} has no single growable output")
+        seg = layout.segments[0]
+        return self.analysis.spaces.find(seg.space), seg.expand
+
+    def _blocked_reason(self, name: str) -> tuple[str, type[GrowthError]] | None:
+        group, _ = self._group_of(name)
+        blocks = self.analysis.spaces.info(group).blocks
+        return (blocks[0].reason, blocks[0].error) if blocks else None
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers whose output width can grow, in graph order."""
+        names = []
+        for name in self.analysis.module_nodes:
+            rule = module_rule_for(self.get_submodule(name))
+            if rule is not None and rule.is_layer:
+                try:
+                    if self._blocked_reason(name) is None:
+                        names.append(name)
+                except GrowthError:
+                    continue
+        return names
+
+    def width(self, name: str) -> int:
+        """Current number of output units (features / channels) of layer ``name``."""
+        module, rule = self._layer_rule(name)
+        return int(rule.width(module))
+
+    def coupled_layers(self, name: str) -> list[str]:
+        """Layers whose parameters change when ``name`` is widened (``name`` included)."""
+        self._layer_rule(name)
+        group, _ = self._group_of(name)
+        from .mapping import identity_mapping
+
+        mapping = identity_mapping(self.analysis.spaces.info(group).width, torch.device("cpu"))
+        return [n for n, _, _ in plan_updates(self, self.analysis, group, mapping)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- widen ---------------------------------------------------------------------------------
+    def widen(
+        self,
+        name: str,
+        width: int | None = None,
+        *,
+        factor: float | None = None,
+        init: str = "net2net",
+        split: str = "random",
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        verify: bool = True,
+    ) -> GrowthRecord:
+        """Net2WiderNet: give layer ``name`` ``width`` outputs (or ``factor`` times as many).
+
+        Every layer coupled to ``name`` through the graph follows with the same unit mapping. See
+        DESIGN.md for ``init``, ``split`` and ``noise``. With ``optimizer`` its state is carried
+        over. On any refusal (``GrowthError``) the network and optimizer are left as they were.
+        """
+        start = time.perf_counter()
+        module, rule = self._layer_rule(name)
+        old_width = int(rule.width(module))
+        new_width = self._target_width(name, old_width, width, factor)
+        if init not in INITS:
+            raise GrowthError(f"init must be one of {INITS}, got {init!r}")
+        if split not in SPLITS:
+            raise GrowthError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(noise, (int, float)) or noise < 0 or math.isnan(noise):
+            raise GrowthError(f"noise must be a non-negative number, got {noise!r}")
+        if noise and init != "net2net":
+            raise GrowthError("noise breaks the symmetry of replicated units: use it with init='net2net'")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise GrowthError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        blocked = self._blocked_reason(name)
+        if blocked is not None:
+            reason, error = blocked
+            raise error(f"cannot widen {name!r}: {reason}")
+        group, expand = self._group_of(name)
+        info = self.analysis.spaces.info(group)
+        if new_width % expand:
+            raise GrowthError(
+                f"{name!r} has {expand} output channels per input channel (depthwise multiplier): "
+                f"width must be a multiple of {expand}"
+            )
+        new_units = new_width // expand
+        if new_units % info.groups:
+            raise GrowthError(
+                f"{name!r} is coupled to a grouped convolution: width must be a multiple of "
+                f"{info.groups * expand} (it grows by whole groups), got {new_width}"
+            )
+        device = next(module.parameters()).device
+        gens = DeviceGenerators(generator)
+        mapping = build_unit_mapping(
+            info.width, new_units, groups=info.groups, split=split, generator=gens.mapping,
+            device=device,
+        )
+        plans = plan_updates(self, self.analysis, group, mapping)
+        params = [getattr(m, t) for _, m, u in plans for t in u.tensors]
+        if optimizer is not None:
+            optim_state.check_supported(optimizer, [p for p in params if isinstance(p, nn.Parameter)])
+        before = self._reference_output() if verify and init != "random" else None
+        params_before = self.num_parameters()
+        planned = compute_values(plans, init=init, noise=float(noise), generators=gens)
+        tx = Transaction()
+        try:
+            for pm in planned:
+                for tname, value in pm.values.items():
+                    p = getattr(pm.module, tname)
+                    if optimizer is not None and isinstance(p, nn.Parameter):
+                        new_state = optim_state.remapped_state(
+                            optimizer, p, pm.update.tensors[tname].steps, init
+                        )
+                        if new_state is not None:
+                            tx.set_state(optimizer, p, new_state)
+                    tx.set_tensor(pm.module, tname, value)
+                for attr, value in pm.update.attrs.items():
+                    tx.set_attr(pm.module, attr, value)
+            err = self._check(tx, before, noise, name)
+        except BaseException:
+            tx.rollback()
+            self._recompile()
+            self._run_probe()
+            raise
+        self._analysis = None
+        record = GrowthRecord(
+            op="widen",
+            layer=name,
+            old_width=old_width,
+            new_width=new_width,
+            params_before=params_before,
+            params_after=self.num_parameters(),
+            max_abs_error=err,
+            seconds=time.perf_counter() - start,
+            details={"init": init, "split": split, "noise": float(noise),
+                     "coupled": [pm.name for pm in planned]},
+        )
+        self.history.append(record)
+        return record
+
+    def _target_width(
+        self, name: str, old: int, width: int | None, factor: float | None
+    ) -> int:
+        if (width is None) == (factor is None):
+            raise GrowthError(f"widen({name!r}): give exactly one of width= and factor=")
+        if width is not None:
+            if isinstance(width, bool) or not isinstance(width, int):
+                raise GrowthError(f"width must be an int, got {width!r} ({type(width).__name__})")
+            new = width
+        else:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+                raise GrowthError(f"factor must be a number > 1, got {factor!r}")
+            new = int(round(old * factor))
+        if new < old:
+            raise GrowthError(
+                f"cannot shrink {name!r} from {old} to {new} units: net2grow only grows"
+            )
+        if new == old:
+            raise GrowthError(f"{name!r} already has width {old}: ask for more units")
+        return new
+
+    # --- verification --------------------------------------------------------------------------
+    def _reference_output(self) -> Any:
+        with torch.no_grad(), eval_mode(self):
+            return self(*self.probe)
+
+    def _check(self, tx: Transaction, before: Any, noise: float, name: str) -> float | None:
+        """Re-record shapes on the probe and compare with ``before``; raise if not preserved."""
+        try:
+            after = self._run_probe()
+        except Exception as exc:
+            raise GrowthError(
+                f"the network no longer runs after growing {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if before is None:
+            return None
+        err, scale = output_difference(before, after)
+        dtype = next(self.parameters()).dtype
+        if not err <= allowed_error(scale, self.tolerance, noise, dtype):
+            raise FunctionNotPreservedError(
+                f"growing {name!r} changed the outputs on the probe batch by {err:.3g} "
+                f"(output scale {scale:.3g}, tolerance {self.tolerance:g} relative); "
+                f"the network was restored"
+            )
+        return err
+
+    # --- reporting -----------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Layers, widths, parameter counts and growth so far, as a text table."""
+        rows = [("layer", "type", "width", "params")]
+        for name in self.analysis.module_nodes:
+            module = self.get_submodule(name)
+            rule = module_rule_for(module)
+            if rule is None or not rule.is_layer:
+                continue
+            n = sum(p.numel() for p in module.parameters())
+            grow = "" if name in self.layers else " (fixed)"
+            rows.append((name, type(module).__name__, f"{rule.width(module)}{grow}", f"{n:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"total parameters: {self.num_parameters():,}")
+        if self.history:
+            lines.append(f"growth so far ({len(self.history)} operations):")
+            for i, rec in enumerate(self.history, 1):
+                err = "unverified" if rec.max_abs_error is None else f"max err {rec.max_abs_error:.2g}"
+                lines.append(
+                    f"  {i}. {rec.op} {rec.layer}: {rec.old_width} -> {rec.new_width}, "
+                    f"params {rec.params_before:,} -> {rec.params_after:,}, {err}, "
+                    f"{rec.seconds * 1e3:.1f} ms"
+                )
+        return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Keeping an optimizer usable and its state meaningful across growth.
+
+``GrowableNetwork.widen/deepen(..., optimizer=opt)`` use this module; it is also usable on its own
+(:func:`remap_state`, :func:`add_params`, :func:`check_supported`) for code that grows the network
+first and fixes the optimizer after.
+
+Parameters keep their identity when they grow (their ``.data`` is replaced), so param groups stay
+valid; only the per-parameter state tensors need the unit mapping. How each state key scales
+with the gradient is listed in :data:`STATE_POWERS` (the derivation is in
+``growth.transform.grow_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GrowthError
+from .transform import AxisStep, grow_state
+
+#: Power of the gradient each known state key accumulates: the key's value is scaled by
+#: ``share ** power`` for replicated units. Keys not listed make growth refuse the optimizer.
+STATE_POWERS: dict[str, int] = {
+    "momentum_buffer": 1,  # SGD: sum of gradients (RMSprop overrides: normalised steps, power 0)
+    "exp_avg": 1,  # Adam, AdamW, NAdam, RAdam: first moment
+    "exp_avg_sq": 2,  # second moment
+    "max_exp_avg_sq": 2,  # AMSGrad
+    "exp_inf": 1,  # Adamax: running max of |gradient|
+    "square_avg": 2,  # RMSprop
+    "grad_avg": 1,  # RMSprop centered
+    "sum": 2,  # Adagrad
+}
+_OVERRIDES: dict[tuple[str, str], int] = {("RMSprop", "momentum_buffer"): 0}
+
+
+def state_power(optimizer: torch.optim.Optimizer, key: str) -> int | None:
+    for cls in type(optimizer).__mro__:
+        if (cls.__name__, key) in _OVERRIDES:
+            return _OVERRIDES[(cls.__name__, key)]
+    return STATE_POWERS.get(key)
+
+
+def check_supported(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Raise :class:`GrowthError` (before anything changes) if some state of ``params`` has no
+    known remapping."""
+    for p in params:
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
+                if state_power(optimizer, key) is None:
+                    raise GrowthError(
+                        f"{type(optimizer).__name__} keeps per-parameter state {key!r} that "
+                        f"net2grow does not know how to carry across growth (known: "
+                        f"{sorted(STATE_POWERS)}). Grow without optimizer=... and build a new "
+                        f"optimizer, or register the key in growth.optim.STATE_POWERS."
+                    )
+
+
+def remapped_state(
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, steps: list[AxisStep], init: str
+) -> dict[str, object] | None:
+    """The new state of ``p`` (not yet installed), or None when ``p`` has none."""
+    state = optimizer.state.get(p)
+    if not state:
+        return None
+    new: dict[str, object] = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
+            power = state_power(optimizer, key)
+            assert power is not None  # check_supported ran first
+            new[key] = grow_state(value, steps, init=init, power=power)
+        else:
+            new[key] = value  # step counts and other scalars are kept
+    return new
+
+
+def param_group_of(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict | None:
+    for group in optimizer.param_groups:
+        if any(q is p for q in group["params"]):
+            return group
+    return None
+
+
+def add_params(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], like: nn.Parameter | None
+) -> None:
+    """Append new parameters to the param group that holds ``like`` (else the first group)."""
+    group = param_group_of(optimizer, like) if like is not None else None
+    group = group if group is not None else optimizer.param_groups[0]
+    group["params"].extend(params)
+
+
+def remove_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Undo :func:`add_params` (used when a refused operation rolls back)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [q for q in group["params"] if id(q) not in ids]
+    for p in params:
+        optimizer.state.pop(p, None)

@@ -1,0 +1,194 @@
+"""The rule registry: how each layer type and each functional op takes part in growth.
+
+Adding support for a new layer type is one rule::
+
+    from growth.rules import ModuleRule, register_module_rule
+    register_module_rule(MyLayer, MyLayerRule())
+
+Module rules are looked up by exact type first, then along the type's MRO. Function rules are
+keyed by the function object (``call_function``) or the method name (``call_method``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._infra import FunctionRule, ModuleRule, ModuleUpdate, PassThroughRule, TensorGrowth
+from .conv import ConvRule, is_depthwise
+from .elementwise import FlattenRule, SoftmaxRule, SpatialRule
+from .functions import (
+    Cat,
+    Elementwise,
+    Flatten,
+    NonTensor,
+    Permute,
+    Reduce,
+    Reshape,
+    Softmax,
+    Spatial,
+    Squeeze,
+    Unary,
+)
+from .linear import EmbeddingRule, LinearRule
+from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
+
+__all__ = [
+    "FunctionRule",
+    "ModuleRule",
+    "ModuleUpdate",
+    "PassThroughRule",
+    "TensorGrowth",
+    "function_rule_for",
+    "is_depthwise",
+    "module_rule_for",
+    "register_function_rule",
+    "register_method_rule",
+    "register_module_rule",
+]
+
+_MODULE_RULES: dict[type, ModuleRule] = {}
+_FUNCTION_RULES: dict[Callable, FunctionRule] = {}
+_METHOD_RULES: dict[str, FunctionRule] = {}
+
+
+def register_module_rule(module_type: type, rule: ModuleRule) -> None:
+    """Make ``module_type`` (and its subclasses without a rule of their own) growable by ``rule``."""
+    _MODULE_RULES[module_type] = rule
+
+
+def register_function_rule(fn: Callable, rule: FunctionRule) -> None:
+    _FUNCTION_RULES[fn] = rule
+
+
+def register_method_rule(name: str, rule: FunctionRule) -> None:
+    _METHOD_RULES[name] = rule
+
+
+def module_rule_for(module: nn.Module) -> ModuleRule | None:
+    for cls in type(module).__mro__:
+        if cls in _MODULE_RULES:
+            return _MODULE_RULES[cls]
+        if cls is nn.Module:
+            break
+    return None
+
+
+class _GetItem(FunctionRule):
+    def infer(self, ctx, node):  # type: ignore[override]
+        return None if ctx.shape(node) is None else ctx.opaque(node, "indexes a tensor")
+
+
+def function_rule_for(node: fx.Node) -> FunctionRule | None:
+    if node.op == "call_method":
+        return _METHOD_RULES.get(str(node.target))
+    return _FUNCTION_RULES.get(node.target)
+
+
+def known_function(fn: Callable) -> bool:
+    """True for functions with a rule (checkpoints rebuild only these)."""
+    return fn in _FUNCTION_RULES
+
+
+def _register_builtins() -> None:
+    for t in (nn.Linear,):
+        register_module_rule(t, LinearRule())
+    register_module_rule(nn.Embedding, EmbeddingRule())
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register_module_rule(t, ConvRule())
+    for t in (
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    ):
+        register_module_rule(t, ChannelwiseRule())
+    register_module_rule(nn.PReLU, PReLURule())
+    register_module_rule(nn.LayerNorm, LayerNormRule())
+    register_module_rule(nn.GroupNorm, GroupNormRule())
+    passthrough = PassThroughRule()
+    for t in (
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.SELU,
+        nn.CELU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softsign,
+        nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    ):
+        register_module_rule(t, passthrough)
+    spatial = SpatialRule()
+    for t in (
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+        nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+        nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+        nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    ):
+        register_module_rule(t, spatial)
+    register_module_rule(nn.Flatten, FlattenRule())
+    register_module_rule(nn.Softmax, SoftmaxRule())
+    register_module_rule(nn.LogSoftmax, SoftmaxRule())
+
+    unary = Unary()
+    for fn in (
+        F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu,
+        F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.softsign,
+        F.logsigmoid, F.tanhshrink, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout,
+        F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.abs, torch.exp, torch.neg,
+        operator.neg, torch.clamp, torch.square, torch.sqrt, torch.pow, operator.pow,
+    ):
+        register_function_rule(fn, unary)
+    for name in (
+        "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp",
+        "clamp_", "clamp_min", "clamp_max", "contiguous", "clone", "detach", "float", "double",
+        "half", "bfloat16", "to", "type_as", "pow", "sqrt", "square", "mul_", "div_",
+    ):
+        register_method_rule(name, unary)
+    elementwise = Elementwise()
+    for fn in (
+        operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+        operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+        torch.maximum, torch.minimum, torch.where,
+    ):
+        register_function_rule(fn, elementwise)
+    for name in ("add", "add_", "sub", "sub_", "mul", "div", "maximum", "minimum"):
+        register_method_rule(name, elementwise)
+    spatial_fn = Spatial()
+    for fn in (
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+    ):
+        register_function_rule(fn, spatial_fn)
+    for fn in (torch.cat, torch.concat, torch.concatenate):
+        register_function_rule(fn, Cat())
+    register_function_rule(torch.flatten, Flatten())
+    register_method_rule("flatten", Flatten())
+    for name in ("view", "reshape"):
+        register_method_rule(name, Reshape())
+    register_function_rule(torch.reshape, Reshape())
+    for fn in (torch.mean, torch.sum, torch.amax):
+        register_function_rule(fn, Reduce())
+    for name in ("mean", "sum", "amax"):
+        register_method_rule(name, Reduce())
+    for fn in (torch.permute, torch.transpose, torch.movedim):
+        register_function_rule(fn, Permute())
+    for name in ("permute", "transpose", "movedim"):
+        register_method_rule(name, Permute())
+    for name in ("squeeze", "unsqueeze"):
+        register_method_rule(name, Squeeze())
+    for fn in (torch.squeeze, torch.unsqueeze):
+        register_function_rule(fn, Squeeze())
+    for fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
+        register_function_rule(fn, Softmax())
+    for name in ("softmax", "log_softmax"):
+        register_method_rule(name, Softmax())
+    register_function_rule(getattr, NonTensor())
+    for name in ("size", "dim", "numel"):
+        register_method_rule(name, NonTensor())
+    register_function_rule(operator.getitem, _GetItem())
+
+
+_register_builtins()

@@ -1,0 +1,83 @@
+"""Base classes of the rule registry.
+
+A *module rule* tells the engine how one layer type treats the channel dimension it reads and
+writes (``infer``: the analysis pass), how its parameters follow a unit mapping (``grow``), and,
+for layers that can be inserted by ``deepen``, how to build an identity of it. A *function rule*
+does the analysis part for a ``call_function``/``call_method`` node (functions have no weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import fx, nn
+
+from ..layout import Layout
+from ..mapping import AxisMap
+from ..transform import AxisStep
+
+if TYPE_CHECKING:
+    from ..analysis import AnalysisContext
+
+
+@dataclass
+class TensorGrowth:
+    """How one parameter or buffer of a module grows."""
+
+    steps: list[AxisStep]
+    fresh: str = "random"  # how rows of brand-new units are drawn: "random" (weights) or "zeros"
+
+
+@dataclass
+class ModuleUpdate:
+    """Everything that changes in one module when a space grows."""
+
+    tensors: dict[str, TensorGrowth] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class ModuleRule:
+    """How one module type takes part in growth. Subclass and register for new layer types."""
+
+    #: True for layers whose output width can be chosen (listed in ``GrowableNetwork.layers``).
+    is_layer: ClassVar[bool] = False
+
+    def infer(
+        self, ctx: AnalysisContext, name: str, module: nn.Module, node: fx.Node
+    ) -> Layout | None:
+        """The output layout of ``module`` called at ``node`` (see ``AnalysisContext``)."""
+        raise NotImplementedError
+
+    def width(self, module: nn.Module) -> int:
+        """Current number of output units (layers only)."""
+        raise NotImplementedError
+
+    def grow(
+        self,
+        module: nn.Module,
+        in_map: AxisMap | None,
+        out_map: AxisMap | None,
+        in_size: int | None,
+        out_size: int | None,
+    ) -> ModuleUpdate | None:
+        """Parameter growth and new attributes, given the maps of the input and output channels.
+
+        ``in_map``/``out_map`` are None when that side does not change; ``in_size``/``out_size``
+        are the new channel counts of the input and output tensors.
+        """
+        return None
+
+
+class PassThroughRule(ModuleRule):
+    """Modules that act on each channel alike and have no per-channel state."""
+
+    def infer(self, ctx, name, module, node):  # type: ignore[override]
+        return ctx.passthrough(node)
+
+
+class FunctionRule:
+    """Analysis of one ``call_function`` target or ``call_method`` name."""
+
+    def infer(self, ctx: AnalysisContext, node: fx.Node) -> Layout | None:
+        raise NotImplementedError

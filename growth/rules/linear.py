@@ -1,0 +1,65 @@
+"""Rules for ``nn.Linear`` (reads and creates units) and ``nn.Embedding`` (creates units)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layout import Layout, Segment
+from ..transform import AxisStep
+from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
+
+
+class LinearRule(ModuleRule):
+    """``y = x W^T + b``: rows of ``W`` and ``b`` are output units, columns of ``W`` input units."""
+
+    is_layer = True
+
+    def infer(self, ctx, name, module, node):  # type: ignore[override]
+        src = node.args[0]
+        layout, shape = ctx.layout(src), ctx.shape(src)
+        if layout is not None and shape is not None and layout.dim != len(shape) - 1:
+            ctx.spaces.block_layout(
+                layout, f"layer {name!r} (Linear) is applied along a dimension that is not channels"
+            )
+        out_shape = ctx.shape(node)
+        space = ctx.module_space(name, module.out_features)
+        return Layout(len(out_shape) - 1, (Segment(space, module.out_features),))
+
+    def width(self, module):  # type: ignore[override]
+        return module.out_features
+
+    def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
+        update = ModuleUpdate()
+        w_steps = []
+        if in_map is not None:
+            w_steps.append(AxisStep(1, in_map, "in"))
+            update.attrs["in_features"] = in_size
+        if out_map is not None:
+            w_steps.append(AxisStep(0, out_map, "out"))
+            update.attrs["out_features"] = out_size
+            if module.bias is not None:
+                update.tensors["bias"] = TensorGrowth([AxisStep(0, out_map, "out")], fresh="zeros")
+        update.tensors["weight"] = TensorGrowth(w_steps)
+        return update
+
+
+class EmbeddingRule(ModuleRule):
+    """``nn.Embedding``: the columns of its table are its output units."""
+
+    is_layer = True
+
+    def infer(self, ctx, name, module, node):  # type: ignore[override]
+        out_shape = ctx.shape(node)
+        space = ctx.module_space(name, module.embedding_dim)
+        return Layout(len(out_shape) - 1, (Segment(space, module.embedding_dim),))
+
+    def width(self, module):  # type: ignore[override]
+        return module.embedding_dim
+
+    def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
+        if out_map is None:
+            return None
+        return ModuleUpdate(
+            tensors={"weight": TensorGrowth([AxisStep(1, out_map, "out")])},
+            attrs={"embedding_dim": out_size},
+        )

@@ -1,0 +1,58 @@
+"""Checking that growth preserved the network's function on a probe batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+def iter_tensors(out: Any) -> Iterator[Tensor]:
+    """Every tensor in a model output (tensor, tuple/list, dict, or nests of them)."""
+    if isinstance(out, Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            yield from iter_tensors(o)
+    elif isinstance(out, dict):
+        for o in out.values():
+            yield from iter_tensors(o)
+
+
+class eval_mode:
+    """Context manager: every submodule in eval mode, modes restored on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def output_difference(before: Any, after: Any) -> tuple[float, float]:
+    """``(max |after - before|, max |before|)`` over all output tensors, in float64."""
+    err, scale = 0.0, 0.0
+    for b, a in zip(iter_tensors(before), iter_tensors(after), strict=True):
+        if b.shape != a.shape:
+            return float("inf"), 1.0
+        if b.numel():
+            err = max(err, float((a.double() - b.double()).abs().max()))
+            scale = max(scale, float(b.double().abs().max()))
+    return err, scale
+
+
+def allowed_error(scale: float, tolerance: float, noise: float, dtype: torch.dtype) -> float:
+    """Largest acceptable output change: ``tolerance`` relative to the output scale (float32),
+    widened for lower-precision dtypes and for deliberate symmetry-breaking noise."""
+    eps_ratio = max(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+    relative = tolerance * eps_ratio + 10.0 * noise
+    return relative * max(scale, 1e-12)
