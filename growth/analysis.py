@@ -21,8 +21,7 @@ from .layout import Layout, Segment, SpaceTable
 
 def tensor_args(node: fx.Node) -> Iterator[fx.Node]:
     """Nodes among ``node``'s arguments (nested lists and dicts included), in order."""
-    for n in node.all_input_nodes:
-        yield n
+    yield from node.all_input_nodes
 
 
 @dataclass
@@ -74,7 +73,7 @@ class AnalysisContext:
         return Layout(dim, (Segment(space, shape[dim]),))
 
     def module_space(self, name: str, width: int) -> int:
-        """The space of the units created by module ``name`` (one per module, however often called)."""
+        """The space of the units made by module ``name`` (one per module, however often called)."""
         if name not in self._module_space:
             self._module_space[name] = self.spaces.new(width, name)
         return self._module_space[name]
@@ -134,7 +133,9 @@ def describe(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"layer {node.target!r}"
     if node.op == "call_function":
-        name = getattr(node.target, "__qualname__", getattr(node.target, "__name__", str(node.target)))
+        name = getattr(
+            node.target, "__qualname__", getattr(node.target, "__name__", str(node.target))
+        )
         mod = getattr(node.target, "__module__", "") or ""
         return f"function {mod + '.' if mod else ''}{name} (node {node.name!r})"
     if node.op == "call_method":

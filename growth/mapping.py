@@ -73,11 +73,18 @@ def build_unit_mapping(
     extra = new_block - old_block
     gen_device = generator.device
     reps = -(-extra // old_block) if extra else 0
-    picks = [torch.randperm(old_block, generator=generator, device=gen_device) for _ in range(groups * reps)]
+    picks = [
+        torch.randperm(old_block, generator=generator, device=gen_device)
+        for _ in range(groups * reps)
+    ]
     sources, originals = [], []
     for b in range(groups):
         base = b * old_block
-        copies = torch.cat(picks[b * reps : (b + 1) * reps])[:extra] if extra else torch.empty(0, dtype=torch.long, device=gen_device)
+        copies = (
+            torch.cat(picks[b * reps : (b + 1) * reps])[:extra]
+            if extra
+            else torch.empty(0, dtype=torch.long, device=gen_device)
+        )
         sources.append(torch.arange(base, base + old_block, device=gen_device))
         sources.append(copies + base)
         originals.append(torch.ones(old_block, dtype=torch.bool, device=gen_device))

@@ -1,18 +1,30 @@
-"""``GrowableNetwork``: a traced model that can be widened and deepened without changing its function."""
+"""``GrowableNetwork``: a traced model that can be widened and deepened, function preserved."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.utils.hooks import RemovableHandle
 
 from . import optim as optim_state
 from .analysis import ChannelAnalysis, analyse
-from .errors import FunctionNotPreservedError, GrowthError
+from .deepen import (
+    KINDS,
+    channel_stats,
+    check_identity_exact,
+    find_chain,
+    identity_norm,
+    insert_after,
+)
+from .errors import REGISTER_HINT, FunctionNotPreservedError, GrowthError, UnsupportedLayerError
+from .hooks import GrowthChanges, GrowthHook
 from .mapping import SPLITS, build_unit_mapping
 from .random import DeviceGenerators
 from .record import GrowthRecord
@@ -75,10 +87,41 @@ class GrowableNetwork(nn.Module):
         if isinstance(model, GrowableNetwork):
             raise GrowthError("model is already a GrowableNetwork: grow it directly")
         inputs = _as_tuple(example_inputs)
+        self._setup(model, trace(model, leaf_modules), inputs, tolerance, probe_size, [])
+
+    @classmethod
+    def from_graph(
+        cls,
+        root: nn.Module,
+        graph: fx.Graph,
+        probe: Sequence[Tensor],
+        *,
+        tolerance: float = DEFAULT_TOLERANCE,
+        history: Sequence[GrowthRecord] = (),
+    ) -> GrowableNetwork:
+        """Rebuild a network from a module tree and a graph over it (used by checkpoints).
+
+        ``root`` holds every module the graph calls, at the graph's target paths (plain
+        ``nn.Module`` containers are fine); nothing is traced again.
+        """
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net._setup(root, graph, tuple(probe), tolerance, len(probe[0]), list(history))
+        return net
+
+    def _setup(
+        self,
+        model: nn.Module,
+        graph: fx.Graph,
+        inputs: tuple[Tensor, ...],
+        tolerance: float,
+        probe_size: int,
+        history: list[GrowthRecord],
+    ) -> None:
         self.tolerance = float(tolerance)
         self.model_class = type(model).__name__
-        self.history: list[GrowthRecord] = []
-        self._graph = trace(model, leaf_modules)
+        self.history: list[GrowthRecord] = history
+        self._graph = graph
         self._adopt(model)
         device = next((p.device for p in self.parameters()), inputs[0].device)
         for i, t in enumerate(inputs):
@@ -86,9 +129,24 @@ class GrowableNetwork(nn.Module):
                 f"{_PROBE_PREFIX}{i}", t[:probe_size].detach().clone().to(device), persistent=False
             )
         self._analysis: ChannelAnalysis | None = None
-        self._deepen_count = 0
+        self._growth_hooks: OrderedDict[int, GrowthHook] = OrderedDict()
         self._recompile()
         self._run_probe()
+
+    def register_growth_hook(self, hook: GrowthHook) -> RemovableHandle:
+        """Call ``hook(record, changes)`` after every successful widen/deepen.
+
+        ``changes`` (:class:`~growth.hooks.GrowthChanges`) tells how each parameter grew, so that
+        tensors kept elsewhere (importances, moving averages) can follow. Returns a handle whose
+        ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._growth_hooks)
+        self._growth_hooks[handle.id] = hook
+        return handle
+
+    def _notify(self, record: GrowthRecord, changes: GrowthChanges) -> None:
+        for hook in list(self._growth_hooks.values()):
+            hook(record, changes)
 
     # --- structure -----------------------------------------------------------------------------
     def _adopt(self, model: nn.Module) -> None:
@@ -248,9 +306,13 @@ class GrowableNetwork(nn.Module):
         if not isinstance(noise, (int, float)) or noise < 0 or math.isnan(noise):
             raise GrowthError(f"noise must be a non-negative number, got {noise!r}")
         if noise and init != "net2net":
-            raise GrowthError("noise breaks the symmetry of replicated units: use it with init='net2net'")
+            raise GrowthError(
+                "noise breaks the symmetry of replicated units: use it with init='net2net'"
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise GrowthError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise GrowthError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}"
+            )
         blocked = self._blocked_reason(name)
         if blocked is not None:
             reason, error = blocked
@@ -271,13 +333,19 @@ class GrowableNetwork(nn.Module):
         device = next(module.parameters()).device
         gens = DeviceGenerators(generator)
         mapping = build_unit_mapping(
-            info.width, new_units, groups=info.groups, split=split, generator=gens.mapping,
+            info.width,
+            new_units,
+            groups=info.groups,
+            split=split,
+            generator=gens.mapping,
             device=device,
         )
         plans = plan_updates(self, self.analysis, group, mapping)
         params = [getattr(m, t) for _, m, u in plans for t in u.tensors]
         if optimizer is not None:
-            optim_state.check_supported(optimizer, [p for p in params if isinstance(p, nn.Parameter)])
+            optim_state.check_supported(
+                optimizer, [p for p in params if isinstance(p, nn.Parameter)]
+            )
         before = self._reference_output() if verify and init != "random" else None
         params_before = self.num_parameters()
         planned = compute_values(plans, init=init, noise=float(noise), generators=gens)
@@ -311,15 +379,160 @@ class GrowableNetwork(nn.Module):
             params_after=self.num_parameters(),
             max_abs_error=err,
             seconds=time.perf_counter() - start,
-            details={"init": init, "split": split, "noise": float(noise),
-                     "coupled": [pm.name for pm in planned]},
+            details={
+                "init": init,
+                "split": split,
+                "noise": float(noise),
+                "coupled": [pm.name for pm in planned],
+            },
         )
         self.history.append(record)
+        prefix = {id(m): n for n, m in self.named_modules()}
+        changes = GrowthChanges(init=init)
+        for pm in planned:
+            for tname in pm.values:
+                full = f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
+                changes.tensors[full] = pm.update.tensors[tname].steps
+        self._notify(record, changes)
         return record
 
-    def _target_width(
-        self, name: str, old: int, width: int | None, factor: float | None
-    ) -> int:
+    # --- deepen --------------------------------------------------------------------------------
+    def deepen(
+        self,
+        name: str,
+        *,
+        kind: str = "identity",
+        activation: nn.Module | None = None,
+        verify: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> GrowthRecord:
+        """Net2DeeperNet: insert a new layer after ``name`` (and its BatchNorm/activation).
+
+        ``kind="identity"``: a layer of the same kind initialised to the identity, followed by a
+        copy of ``name``'s activation (or ``activation``); exact when that activation is
+        idempotent on its inputs (ReLU after ReLU), otherwise refused. ``kind="residual"``:
+        ``x + layer2(act(layer1(x)))`` with ``layer2`` zero, exact for every activation.
+        New modules live under the top-level ``grown`` module; existing names never change.
+        With ``optimizer``, the new parameters join the param group of ``name``'s weight.
+        """
+        start = time.perf_counter()
+        module, rule = self._layer_rule(name)
+        if kind not in KINDS:
+            raise GrowthError(f"kind must be one of {KINDS}, got {kind!r}")
+        if activation is not None and not isinstance(activation, nn.Module):
+            raise GrowthError(
+                f"activation must be an nn.Module instance (e.g. nn.ReLU()), got {activation!r}"
+            )
+        nodes = self.analysis.module_nodes[name]
+        if len(nodes) != 1:
+            raise GrowthError(
+                f"{name!r} is called {len(nodes)} times in forward; deepen a layer called once"
+            )
+        width = int(rule.width(module))
+        chain = find_chain(self, nodes[0])
+        new_act = activation if activation is not None else chain.activation
+        if kind == "identity":
+            check_identity_exact(name, chain, new_act)
+        layer = rule.square_like(module, width)
+        if layer is None:
+            raise UnsupportedLayerError(
+                f"{name!r} ({type(module).__name__}) has no identity rule, so nothing can be "
+                f"inserted after it; {REGISTER_HINT} (with square_like/set_identity)"
+            )
+        base = name.replace(".", "_")
+        grown = self._modules.get("grown")
+        taken = set(grown._modules) if grown is not None else set()
+        k = 1
+        while f"{base}_deep{k}" in taken or f"{base}_res{k}" in taken:
+            k += 1
+        new_modules: list[tuple[str, nn.Module]] = []
+        if kind == "identity":
+            rule.set_identity(layer)
+            new_modules.append((f"{base}_deep{k}", layer))
+            if chain.norm is not None:
+                value = self._probe_value(chain.nodes[-1])
+                dim = self.analysis.layouts[chain.nodes[-1]].dim
+                mean, var = channel_stats(value, dim)
+                new_modules.append((f"{base}_deep{k}_bn", identity_norm(chain.norm, mean, var)))
+            if new_act is not None:
+                new_modules.append((f"{base}_deep{k}_act", copy.deepcopy(new_act)))
+            targets = [f"grown.{n}" for n, _ in new_modules]
+        else:
+            block = nn.Module()
+            block.layer1 = layer
+            block.act = copy.deepcopy(new_act) if new_act is not None else nn.ReLU()
+            block.layer2 = rule.square_like(module, width)
+            with torch.no_grad():
+                for p in block.layer2.parameters():
+                    p.zero_()
+            new_modules.append((f"{base}_res{k}", block))
+            targets = [f"grown.{base}_res{k}.{c}" for c in ("layer1", "act", "layer2")]
+        new_graph = fx.Graph()
+        val_map: dict[fx.Node, fx.Node] = {}
+        new_graph.output(new_graph.graph_copy(self._graph, val_map))
+        insert_after(new_graph, val_map[chain.nodes[-1]], targets, residual=kind == "residual")
+
+        before = self._reference_output() if verify else None
+        params_before = self.num_parameters()
+        old_graph = self._graph
+        tx = Transaction()
+        try:
+            if grown is None:
+                grown = nn.Module()
+                tx.set_attr(self, "grown", grown)
+            for n, m in new_modules:
+                tx.set_attr(grown, n, m)
+            new_params = [p for _, m in new_modules for p in m.parameters()]
+            if optimizer is not None:
+                optim_state.add_params(optimizer, new_params, module.weight)
+                tx.on_rollback(lambda: optim_state.remove_params(optimizer, new_params))
+            tx.on_rollback(lambda: setattr(self, "_graph", old_graph))
+            self._graph = new_graph
+            self._recompile()
+            err = self._check(tx, before, 0.0, name)
+        except BaseException:
+            tx.rollback()
+            self._recompile()
+            self._run_probe()
+            raise
+        self._analysis = None
+        inserted = [f"grown.{n}" for n, _ in new_modules]
+        record = GrowthRecord(
+            op="deepen",
+            layer=name,
+            old_width=width,
+            new_width=width,
+            params_before=params_before,
+            params_after=self.num_parameters(),
+            max_abs_error=err,
+            seconds=time.perf_counter() - start,
+            details={
+                "kind": kind,
+                "inserted": inserted,
+                "activation": type(new_act).__name__ if new_act is not None else None,
+            },
+        )
+        self.history.append(record)
+        names = {id(p): n for n, p in self.named_parameters()}
+        self._notify(record, GrowthChanges("identity", {}, [names[id(p)] for p in new_params]))
+        return record
+
+    def _probe_value(self, node: fx.Node) -> Tensor:
+        """The value ``node`` takes on the probe batch (eval mode)."""
+        captured: dict[str, Tensor] = {}
+
+        class _Capture(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                result = super().run_node(n)
+                if n is node:
+                    captured["value"] = result
+                return result
+
+        with torch.no_grad(), eval_mode(self):
+            _Capture(self, graph=self._graph).run(*self.probe)
+        return captured["value"]
+
+    def _target_width(self, name: str, old: int, width: int | None, factor: float | None) -> int:
         if (width is None) == (factor is None):
             raise GrowthError(f"widen({name!r}): give exactly one of width= and factor=")
         if width is not None:
@@ -382,7 +595,11 @@ class GrowableNetwork(nn.Module):
         if self.history:
             lines.append(f"growth so far ({len(self.history)} operations):")
             for i, rec in enumerate(self.history, 1):
-                err = "unverified" if rec.max_abs_error is None else f"max err {rec.max_abs_error:.2g}"
+                err = (
+                    "unverified"
+                    if rec.max_abs_error is None
+                    else f"max err {rec.max_abs_error:.2g}"
+                )
                 lines.append(
                     f"  {i}. {rec.op} {rec.layer}: {rec.old_width} -> {rec.new_width}, "
                     f"params {rec.params_before:,} -> {rec.params_after:,}, {err}, "

@@ -13,7 +13,9 @@ class DeviceGenerators:
         self.mapping = generator if generator is not None else torch.Generator()
         if generator is None:
             self.mapping.manual_seed(int(torch.randint(0, 2**62, (1,))))
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=self.mapping, device=self.mapping.device))
+        self._seed = int(
+            torch.randint(0, 2**62, (1,), generator=self.mapping, device=self.mapping.device)
+        )
         self._by_device: dict[torch.device, torch.Generator] = {}
 
     def on(self, device: torch.device) -> torch.Generator:

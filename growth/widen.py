@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from .analysis import ChannelAnalysis
-from .random import DeviceGenerators
 from .mapping import UnitMapping, axis_map, grown_layout
+from .random import DeviceGenerators
 from .rules import ModuleUpdate, module_rule_for
 
 
@@ -75,7 +75,11 @@ def compute_values(
             if old is None:
                 continue
             values[tname] = grow_value(
-                old.detach(), growth.steps, init=init, fresh=growth.fresh, noise=noise,
+                old.detach(),
+                growth.steps,
+                init=init,
+                fresh=growth.fresh,
+                noise=noise,
                 generator=generators.on(old.device),
             )
         out.append(PlannedModule(name, module, update, values))

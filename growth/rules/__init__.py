@@ -57,7 +57,7 @@ _METHOD_RULES: dict[str, FunctionRule] = {}
 
 
 def register_module_rule(module_type: type, rule: ModuleRule) -> None:
-    """Make ``module_type`` (and its subclasses without a rule of their own) growable by ``rule``."""
+    """Make ``module_type`` (and subclasses without a rule of their own) growable by ``rule``."""
     _MODULE_RULES[module_type] = rule
 
 
@@ -101,8 +101,13 @@ def _register_builtins() -> None:
     for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         register_module_rule(t, ConvRule())
     for t in (
-        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
     ):
         register_module_rule(t, ChannelwiseRule())
     register_module_rule(nn.PReLU, PReLURule())
@@ -110,21 +115,64 @@ def _register_builtins() -> None:
     register_module_rule(nn.GroupNorm, GroupNormRule())
     passthrough = PassThroughRule()
     for t in (
-        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.SELU,
-        nn.CELU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softsign,
-        nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.GELU,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.SiLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.Hardtanh,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Mish,
+        nn.Softplus,
+        nn.Softsign,
+        nn.Tanhshrink,
+        nn.LogSigmoid,
+        nn.Threshold,
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
     ):
         register_module_rule(t, passthrough)
     spatial = SpatialRule()
     for t in (
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-        nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-        nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-        nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+        nn.LPPool1d,
+        nn.LPPool2d,
+        nn.Upsample,
+        nn.UpsamplingNearest2d,
+        nn.UpsamplingBilinear2d,
+        nn.ZeroPad1d,
+        nn.ZeroPad2d,
+        nn.ZeroPad3d,
+        nn.ConstantPad1d,
+        nn.ConstantPad2d,
+        nn.ConstantPad3d,
+        nn.ReflectionPad1d,
+        nn.ReflectionPad2d,
+        nn.ReflectionPad3d,
+        nn.ReplicationPad1d,
+        nn.ReplicationPad2d,
+        nn.ReplicationPad3d,
     ):
         register_module_rule(t, spatial)
     register_module_rule(nn.Flatten, FlattenRule())
@@ -133,33 +181,111 @@ def _register_builtins() -> None:
 
     unary = Unary()
     for fn in (
-        F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu,
-        F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.softsign,
-        F.logsigmoid, F.tanhshrink, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout,
-        F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.abs, torch.exp, torch.neg,
-        operator.neg, torch.clamp, torch.square, torch.sqrt, torch.pow, operator.pow,
+        F.relu,
+        F.relu_,
+        torch.relu,
+        torch.relu_,
+        F.relu6,
+        F.gelu,
+        F.silu,
+        F.elu,
+        F.selu,
+        F.celu,
+        F.leaky_relu,
+        F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
+        F.softplus,
+        F.softsign,
+        F.logsigmoid,
+        F.tanhshrink,
+        torch.sigmoid,
+        torch.tanh,
+        F.sigmoid,
+        F.tanh,
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+        torch.abs,
+        torch.exp,
+        torch.neg,
+        operator.neg,
+        torch.clamp,
+        torch.square,
+        torch.sqrt,
+        torch.pow,
+        operator.pow,
     ):
         register_function_rule(fn, unary)
     for name in (
-        "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp",
-        "clamp_", "clamp_min", "clamp_max", "contiguous", "clone", "detach", "float", "double",
-        "half", "bfloat16", "to", "type_as", "pow", "sqrt", "square", "mul_", "div_",
+        "relu",
+        "relu_",
+        "sigmoid",
+        "sigmoid_",
+        "tanh",
+        "tanh_",
+        "exp",
+        "abs",
+        "neg",
+        "clamp",
+        "clamp_",
+        "clamp_min",
+        "clamp_max",
+        "contiguous",
+        "clone",
+        "detach",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "to",
+        "type_as",
+        "pow",
+        "sqrt",
+        "square",
+        "mul_",
+        "div_",
     ):
         register_method_rule(name, unary)
     elementwise = Elementwise()
     for fn in (
-        operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-        operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-        torch.maximum, torch.minimum, torch.where,
+        operator.add,
+        operator.iadd,
+        operator.sub,
+        operator.isub,
+        operator.mul,
+        operator.imul,
+        operator.truediv,
+        operator.itruediv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.maximum,
+        torch.minimum,
+        torch.where,
     ):
         register_function_rule(fn, elementwise)
     for name in ("add", "add_", "sub", "sub_", "mul", "div", "maximum", "minimum"):
         register_method_rule(name, elementwise)
     spatial_fn = Spatial()
     for fn in (
-        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
+        F.interpolate,
     ):
         register_function_rule(fn, spatial_fn)
     for fn in (torch.cat, torch.concat, torch.concatenate):

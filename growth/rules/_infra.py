@@ -68,6 +68,15 @@ class ModuleRule:
         """
         return None
 
+    def square_like(self, module: nn.Module, width: int) -> nn.Module | None:
+        """A new layer of the same kind mapping ``width`` units to ``width`` units, freshly
+        initialised and shape-preserving (``deepen``); None when the type has no such rule."""
+        return None
+
+    def set_identity(self, module: nn.Module) -> None:
+        """Make a layer built by :meth:`square_like` compute the identity."""
+        raise NotImplementedError
+
 
 class PassThroughRule(ModuleRule):
     """Modules that act on each channel alike and have no per-channel state."""

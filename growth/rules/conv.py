@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from ..errors import GrowthError
 from ..layout import Layout, Segment
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
@@ -73,3 +75,36 @@ class ConvRule(ModuleRule):
                 update.tensors["bias"] = TensorGrowth([AxisStep(0, out_map, "out")], fresh="zeros")
         update.tensors["weight"] = TensorGrowth(w_steps)
         return update
+
+    def square_like(self, module, width):  # type: ignore[override]
+        kernel = tuple(module.kernel_size)
+        if any(k % 2 == 0 for k in kernel):
+            raise GrowthError(
+                f"cannot insert an identity convolution after a layer with even kernel size "
+                f"{kernel}: no centred identity exists; deepen after a layer with an odd kernel"
+            )
+        if is_depthwise(module):
+            groups = width
+        else:
+            groups = module.groups if width % module.groups == 0 else 1
+        w = module.weight
+        return type(module)(
+            width,
+            width,
+            kernel,
+            stride=1,
+            padding=tuple(k // 2 for k in kernel),
+            groups=groups,
+            bias=True,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    def set_identity(self, module):  # type: ignore[override]
+        per_group = module.out_channels // module.groups
+        centre = tuple(k // 2 for k in module.kernel_size)
+        with torch.no_grad():
+            module.weight.zero_()
+            rows = torch.arange(module.out_channels, device=module.weight.device)
+            module.weight[(rows, rows % per_group, *centre)] = 1.0
+            module.bias.zero_()

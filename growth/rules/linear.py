@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..layout import Layout, Segment
@@ -41,6 +42,15 @@ class LinearRule(ModuleRule):
                 update.tensors["bias"] = TensorGrowth([AxisStep(0, out_map, "out")], fresh="zeros")
         update.tensors["weight"] = TensorGrowth(w_steps)
         return update
+
+    def square_like(self, module, width):  # type: ignore[override]
+        w = module.weight
+        return nn.Linear(width, width, bias=True, device=w.device, dtype=w.dtype)
+
+    def set_identity(self, module):  # type: ignore[override]
+        with torch.no_grad():
+            module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
+            module.bias.zero_()
 
 
 class EmbeddingRule(ModuleRule):

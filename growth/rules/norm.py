@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..errors import UnsupportedLayerError
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleUpdate, TensorGrowth

@@ -45,8 +45,8 @@ def reshape_layout(
     if tuple(in_shape[:d]) == tuple(out_shape[:d]) and len(out_shape) > d:
         # channels flattened with the following dims d..e into out dim d
         for e in range(d, len(in_shape)):
-            if math.prod(in_shape[d : e + 1]) == out_shape[d] and tuple(
-                in_shape[e + 1 :]
-            ) == tuple(out_shape[d + 1 :]):
+            if math.prod(in_shape[d : e + 1]) == out_shape[d] and tuple(in_shape[e + 1 :]) == tuple(
+                out_shape[d + 1 :]
+            ):
                 return layout.expanded(math.prod(in_shape[d + 1 : e + 1]))
     return ctx.opaque(node, "reshapes the channel dimension in a way net2grow cannot follow")

@@ -1,0 +1,1 @@
+"""Runnable experiments: python -m benchmarks continual|net2net|speed."""

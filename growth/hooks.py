@@ -1,0 +1,38 @@
+"""Growth hooks: code that keeps per-parameter tensors of its own (EWC importances, SI
+trajectories, EMA copies) learns after each operation exactly how every parameter grew."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .record import GrowthRecord
+from .transform import AxisStep, grow_state
+
+
+@dataclass
+class GrowthChanges:
+    """How one operation changed the network's parameters and buffers.
+
+    Attributes
+    ----------
+    init : str
+        The widen ``init`` mode ("net2net", "zero", "random"; "identity" for deepen).
+    tensors : dict
+        Full name (as in ``named_parameters``/``named_buffers``) -> the ``AxisStep`` s that grew it.
+    new_parameters : list of str
+        Names of parameters that did not exist before (deepen).
+    """
+
+    init: str
+    tensors: dict[str, list[AxisStep]] = field(default_factory=dict)
+    new_parameters: list[str] = field(default_factory=list)
+
+    def remap_like_gradient(self, name: str, value: Tensor, power: int = 1) -> Tensor:
+        """Remap a tensor shaped like parameter ``name`` that accumulates ``gradient**power``."""
+        return grow_state(value, self.tensors[name], init=self.init, power=power)
+
+
+GrowthHook = Callable[[GrowthRecord, GrowthChanges], None]

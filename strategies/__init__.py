@@ -1,0 +1,1 @@
+"""Avalanche side of net2grow: growth plugins, policies, strategies and metrics."""
