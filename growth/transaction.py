@@ -27,7 +27,7 @@ class Transaction:
             assert p is not None
             old_data, old_grad = p.data, p.grad
             self._undo.append(lambda: _restore_param(p, old_data, old_grad))
-            p.data = value
+            swap_data(p, value)
             p.grad = None
         else:
             old = module._buffers[name]
@@ -53,8 +53,21 @@ class Transaction:
             self._undo.pop()()
 
 
+def swap_data(p: nn.Parameter, value: Tensor) -> None:
+    """Give ``p`` a new value (any shape), keeping its identity.
+
+    Autograd caches one gradient accumulator per parameter, with the parameter's shape; it is
+    kept alive by any graph still referenced (a ``loss`` from before growth) and would reject the
+    next gradient of the new shape. Setting data of another dtype first makes autograd drop it.
+    """
+    if value.shape != p.shape:
+        other = torch.float64 if p.dtype != torch.float64 else torch.float32
+        p.data = torch.empty(0, dtype=other, device=p.device)
+    p.data = value
+
+
 def _restore_param(p: nn.Parameter, data: Tensor, grad: Tensor | None) -> None:
-    p.data = data
+    swap_data(p, data)
     p.grad = grad
 
 

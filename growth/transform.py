@@ -88,11 +88,10 @@ def grow_value(
     ``fresh`` says how units with no source are drawn in an ``"out"`` step: ``"random"`` (weights,
     at the scale of the existing values) or ``"zeros"`` (biases).
     """
-    scale = float(t.float().std()) if t.numel() > 1 else 0.0
-    scale = scale if scale > 0 else 1e-2
+    needs_scale = init != "net2net" or noise > 0
+    scale = _value_scale(t) if needs_scale else 0.0
     for step in _ordered(steps):
         amap = step.amap
-        keep = _bcast(amap.original, t, step.dim) if step.groups == 1 else None
         if step.role == "channel":
             t = _select(t, step)
         elif step.role == "in":
@@ -121,6 +120,13 @@ def grow_value(
             else:
                 t = torch.where(keep, t, torch.zeros((), device=t.device, dtype=t.dtype))
     return t
+
+
+def _value_scale(t: Tensor) -> Tensor | float:
+    """Scale of fresh random values: the standard deviation of the existing ones (on device)."""
+    if t.numel() < 2:
+        return 1e-2
+    return t.detach().float().std().clamp_min(1e-8).to(t.dtype)
 
 
 def _grouped_mask(amap: AxisMap, t: Tensor, groups: int) -> Tensor:
