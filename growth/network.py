@@ -25,7 +25,7 @@ from .deepen import (
 )
 from .errors import REGISTER_HINT, FunctionNotPreservedError, GrowthError, UnsupportedLayerError
 from .hooks import GrowthChanges, GrowthHook
-from .mapping import SPLITS, build_unit_mapping
+from .mapping import SPLITS, build_unit_mapping, grown_layout
 from .random import DeviceGenerators
 from .record import GrowthRecord
 from .rules import module_rule_for
@@ -195,9 +195,10 @@ class GrowableNetwork(nn.Module):
 
     @property
     def probe(self) -> tuple[Tensor, ...]:
-        return tuple(
-            b for n, b in sorted(self.named_buffers(recurse=False)) if n.startswith(_PROBE_PREFIX)
-        )
+        probes = [
+            (n, b) for n, b in self.named_buffers(recurse=False) if n.startswith(_PROBE_PREFIX)
+        ]
+        return tuple(b for _, b in sorted(probes, key=lambda nb: int(nb[0][len(_PROBE_PREFIX) :])))
 
     def _run_probe(self) -> Any:
         """Forward the probe in eval mode, recording every node's shape; returns the output."""
@@ -363,7 +364,11 @@ class GrowableNetwork(nn.Module):
                     tx.set_tensor(pm.module, tname, value)
                 for attr, value in pm.update.attrs.items():
                     tx.set_attr(pm.module, attr, value)
-            err = self._check(tx, before, noise, name)
+            if before is None:  # not verified: shapes follow from the layouts, no forward
+                self._grow_recorded_shapes(group, new_units)
+                err = None
+            else:
+                err = self._check(tx, before, noise, name)
         except BaseException:
             tx.rollback()
             self._recompile()
@@ -555,6 +560,22 @@ class GrowableNetwork(nn.Module):
     def _reference_output(self) -> Any:
         with torch.no_grad(), eval_mode(self):
             return self(*self.probe)
+
+    def _grow_recorded_shapes(self, group: int, new_units: int) -> None:
+        """Update every recorded shape after ``group`` grew to ``new_units`` units.
+
+        Widening changes only the channel dimension of the tensors that carry the group, by an
+        amount the analysis knows; the next analysis then runs without a forward pass.
+        """
+        analysis = self.analysis
+        for node, layout in analysis.layouts.items():
+            if layout is None or node.meta.get("shape") is None:
+                continue
+            new = grown_layout(layout, analysis.spaces, group, new_units).size
+            if new != layout.size:
+                shape = list(node.meta["shape"])
+                shape[layout.dim] = new
+                node.meta["shape"] = tuple(shape)
 
     def _check(self, tx: Transaction, before: Any, noise: float, name: str) -> float | None:
         """Re-record shapes on the probe and compare with ``before``; raise if not preserved."""

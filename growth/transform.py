@@ -56,7 +56,7 @@ def _grouped_select(t: Tensor, step: AxisStep, vec: Tensor | None = None) -> Ten
     )
     out = torch.gather(tg, 2, index)
     if vec is not None:
-        out = out * vec.view(g, 1, a_new, *([1] * (t.dim() - 2))).to(out.dtype)
+        out.mul_(vec.view(g, 1, a_new, *([1] * (t.dim() - 2))).to(out.dtype))
     return out.reshape(t.shape[0], new_in // g, *t.shape[2:])
 
 
@@ -65,7 +65,7 @@ def _select(t: Tensor, step: AxisStep, vec: Tensor | None = None) -> Tensor:
         return _grouped_select(t, step, vec)
     out = t.index_select(step.dim, step.amap.source)
     if vec is not None:
-        out = out * _bcast(vec.to(out.dtype), out, step.dim)
+        out.mul_(_bcast(vec.to(out.dtype), out, step.dim))  # out is a fresh tensor
     return out
 
 
