@@ -27,10 +27,7 @@ class UnitMapping:
     source: Tensor
     original: Tensor
     share: Tensor
-
-    @property
-    def old_width(self) -> int:
-        return int(self.original.sum())
+    prefix: int = 0  # leading units that are the old units, in place (source[:prefix] == arange)
 
     @property
     def new_width(self) -> int:
@@ -44,6 +41,7 @@ class AxisMap:
     source: Tensor  # long [new_size]: old position each new position copies
     original: Tensor  # bool [new_size]: True where the position is an old one, kept
     share: Tensor  # float [new_size]: share of the outgoing weight carried by the position
+    prefix: int = 0  # leading positions that are old positions, in place (copied as a block)
 
     @property
     def new_size(self) -> int:
@@ -99,7 +97,7 @@ def build_unit_mapping(
         weight = 0.2 + 0.8 * torch.rand(new_width, generator=generator, device=gen_device)
     total = torch.zeros(old_width, device=gen_device).index_add_(0, source, weight)
     share = weight / total[source]
-    return UnitMapping(source.to(device), original.to(device), share.to(device))
+    return UnitMapping(source.to(device), original.to(device), share.to(device), old_block)
 
 
 def identity_mapping(width: int, device: torch.device) -> UnitMapping:
@@ -108,6 +106,7 @@ def identity_mapping(width: int, device: torch.device) -> UnitMapping:
         torch.arange(width, device=device),
         torch.ones(width, dtype=torch.bool, device=device),
         torch.ones(width, device=device),
+        width,
     )
 
 
@@ -131,15 +130,16 @@ def axis_map(
     if not any(spaces.find(s.space) == group for s in layout.segments):
         return None
     sources, originals, shares = [], [], []
-    offset = 0
+    offset, prefix, grown_seen = 0, 0, False
     for seg in layout.segments:
-        if spaces.find(seg.space) == group:
-            um = mapping
-        else:
-            um = identity_mapping(seg.units, device)
+        grows = spaces.find(seg.space) == group
+        um = mapping if grows else identity_mapping(seg.units, device)
+        if not grown_seen:
+            prefix += um.prefix * seg.expand
+            grown_seen = grows
         within = torch.arange(seg.expand, device=device)
         sources.append((um.source[:, None] * seg.expand + within).reshape(-1) + offset)
         originals.append(um.original.repeat_interleave(seg.expand))
         shares.append(um.share.repeat_interleave(seg.expand))
         offset += seg.size
-    return AxisMap(torch.cat(sources), torch.cat(originals), torch.cat(shares).to(dtype))
+    return AxisMap(torch.cat(sources), torch.cat(originals), torch.cat(shares).to(dtype), prefix)

@@ -29,7 +29,7 @@ from .mapping import SPLITS, build_unit_mapping, grown_layout
 from .random import DeviceGenerators
 from .record import GrowthRecord
 from .rules import module_rule_for
-from .tracing import ShapeRecorder, trace
+from .tracing import FUNCTIONAL_CONTAINER, ShapeRecorder, trace_both_modes
 from .transaction import Transaction
 from .transform import INITS
 from .verify import DEFAULT_TOLERANCE, allowed_error, eval_mode, output_difference
@@ -87,7 +87,14 @@ class GrowableNetwork(nn.Module):
         if isinstance(model, GrowableNetwork):
             raise GrowthError("model is already a GrowableNetwork: grow it directly")
         inputs = _as_tuple(example_inputs)
-        self._setup(model, trace(model, leaf_modules), inputs, tolerance, probe_size, [])
+        graph, functional = trace_both_modes(model, leaf_modules)
+        if functional:
+            container = nn.Module()
+            for name, module in functional.items():
+                container.add_module(name, module)
+            container.train(model.training)
+            self.add_module(FUNCTIONAL_CONTAINER, container)
+        self._setup(model, graph, inputs, tolerance, probe_size, [])
 
     @classmethod
     def from_graph(
@@ -118,6 +125,7 @@ class GrowableNetwork(nn.Module):
         probe_size: int,
         history: list[GrowthRecord],
     ) -> None:
+        self.training = model.training
         self.tolerance = float(tolerance)
         self.model_class = type(model).__name__
         self.history: list[GrowthRecord] = history

@@ -63,7 +63,13 @@ def _grouped_select(t: Tensor, step: AxisStep, vec: Tensor | None = None) -> Ten
 def _select(t: Tensor, step: AxisStep, vec: Tensor | None = None) -> Tensor:
     if step.groups > 1:
         return _grouped_select(t, step, vec)
-    out = t.index_select(step.dim, step.amap.source)
+    keep = step.amap.prefix
+    if keep:  # leading old positions are copied as one block; only the rest is gathered
+        head = t.narrow(step.dim, 0, keep)
+        tail = t.index_select(step.dim, step.amap.source[keep:])
+        out = torch.cat([head, tail], dim=step.dim)
+    else:
+        out = t.index_select(step.dim, step.amap.source)
     if vec is not None:
         out.mul_(_bcast(vec.to(out.dtype), out, step.dim))  # out is a fresh tensor
     return out
