@@ -1,0 +1,108 @@
+"""The Net2Net benchmark end to end, in its ``--quick`` size (seconds on two CPU cores)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import parse_args
+from benchmarks.data import DataUnavailableError, load_fashion_mnist
+
+EXACT = ("net2wider", "net2wider-equal", "zero-init", "teacher-continued", "net2deeper")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path, float]:
+    """One ``--quick`` run into a temporary folder (shared by the tests of this file)."""
+    try:
+        load_fashion_mnist()
+    except DataUnavailableError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"Fashion-MNIST is not available here: {exc}")
+    from benchmarks import net2net
+
+    tmp = tmp_path_factory.mktemp("net2net")
+    out_dir, runs_dir = tmp / "results", tmp / "runs"
+    args = parse_args(
+        [
+            "net2net",
+            "--quick",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out_dir),
+            "--runs-dir",
+            str(runs_dir),
+        ]
+    )
+    start = time.perf_counter()
+    result = net2net.run(args)
+    return result, out_dir, runs_dir, time.perf_counter() - start
+
+
+def test_quick_run_writes_results(quick_run: tuple[dict, Path, Path, float]) -> None:
+    result, out_dir, runs_dir, seconds = quick_run
+    for suffix in ("json", "md", "png"):
+        path = out_dir / f"net2net.{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert {Path(p).name for p in result["paths"].values()} == {
+        "net2net.json",
+        "net2net.md",
+        "net2net.png",
+    }
+    assert seconds < 60, f"--quick took {seconds:.1f} s"
+    doc = json.loads((out_dir / "net2net.json").read_text())
+    from benchmarks.net2net import COLUMNS, variants
+
+    keys = [v.key for v in variants(0.01)]
+    assert [row["variant"] for row in doc["rows"]] == keys
+    assert doc["columns"] == COLUMNS
+    md = (out_dir / "net2net.md").read_text()
+    for key in keys:
+        assert f"| {key} |" in md
+        # one TensorBoard run per variant and seed
+        events = list((runs_dir / "net2net" / key / "seed0").glob("events.out.tfevents.*"))
+        assert events, key
+
+
+def test_every_variant_has_a_curve(quick_run: tuple[dict, Path, Path, float]) -> None:
+    result, *_ = quick_run
+    cfg = result["config"]
+    assert cfg["quick"] and cfg["seeds"] == [0]
+    (seed,) = result["per_seed"]
+    for key, run in seed["variants"].items():
+        assert run["steps"][0] == 0, key
+        assert run["steps"][-1] == (
+            cfg["teacher_steps"] if key == "narrow-scratch" else cfg["steps"]
+        ), key
+        assert len(run["accuracy"]) == len(run["steps"]) >= 2, key
+        assert all(0.0 <= a <= 1.0 for a in run["accuracy"]), key
+
+
+def test_students_start_at_the_teachers_accuracy(
+    quick_run: tuple[dict, Path, Path, float],
+) -> None:
+    """Function-preserving growth: step-0 accuracy equals the teacher's; random pad is not."""
+    result, *_ = quick_run
+    (seed,) = result["per_seed"]
+    teacher = seed["teacher_accuracy"]
+    assert seed["variants"]["narrow-scratch"]["accuracy"][-1] == pytest.approx(teacher, abs=1e-9)
+    for key in EXACT:
+        run = seed["variants"][key]
+        assert run["accuracy"][0] == pytest.approx(teacher, abs=1e-9), key
+        assert run["logit_change_at_0"] < 1e-4, key
+        for rec in run["growth"] or []:
+            assert rec["max_abs_error"] is not None and rec["max_abs_error"] < 1e-4, (key, rec)
+    # random pad changes the function (its accuracy may or may not move with it)
+    assert seed["variants"]["random-pad"]["logit_change_at_0"] > 1e-2
+    # networks trained from scratch start near chance, far below the teacher
+    for key in ("wide-scratch", "deep-scratch", "narrow-scratch"):
+        assert seed["variants"][key]["accuracy"][0] < teacher, key
+    # grown and scratch networks of one architecture have the same size
+    summary = result["summary"]
+    for key in ("net2wider", "net2wider-equal", "net2wider-equal-noise", "zero-init", "random-pad"):
+        assert summary[key]["params"] == summary["wide-scratch"]["params"], key
+    assert summary["net2deeper"]["params"] == summary["deep-scratch"]["params"]
+    assert summary["teacher-continued"]["params"] == summary["narrow-scratch"]["params"]
