@@ -24,11 +24,14 @@ class GrowthChanges:
         Full name (as in ``named_parameters``/``named_buffers``) -> the ``AxisStep`` s that grew it.
     new_parameters : list of str
         Names of parameters that did not exist before (deepen).
+    old_shapes : dict
+        Full name -> shape of each grown tensor before the operation.
     """
 
     init: str
     tensors: dict[str, list[AxisStep]] = field(default_factory=dict)
     new_parameters: list[str] = field(default_factory=list)
+    old_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def remap_like_gradient(self, name: str, value: Tensor, power: int = 1) -> Tensor:
         """Remap a tensor shaped like parameter ``name`` that accumulates ``gradient**power``."""

@@ -90,12 +90,16 @@ def build_unit_mapping(
     source = torch.cat(sources)
     original = torch.cat(originals)
     if split == "equal":
-        weight = torch.ones(new_width, device=gen_device)
+        weight = torch.ones(new_width, device=gen_device, dtype=torch.float64)
     else:
         # random positive shares, normalised per old unit below: copies get different outgoing
         # weights, hence different gradients, and learn apart (exactness is kept).
-        weight = 0.2 + 0.8 * torch.rand(new_width, generator=generator, device=gen_device)
-    total = torch.zeros(old_width, device=gen_device).index_add_(0, source, weight)
+        weight = 0.2 + 0.8 * torch.rand(
+            new_width, generator=generator, device=gen_device, dtype=torch.float64
+        )
+    # shares in float64, cast to each parameter's dtype where used: exact for float64 models
+    total = torch.zeros(old_width, device=gen_device, dtype=torch.float64)
+    total.index_add_(0, source, weight)
     share = weight / total[source]
     return UnitMapping(source.to(device), original.to(device), share.to(device), old_block)
 
@@ -105,7 +109,7 @@ def identity_mapping(width: int, device: torch.device) -> UnitMapping:
     return UnitMapping(
         torch.arange(width, device=device),
         torch.ones(width, dtype=torch.bool, device=device),
-        torch.ones(width, device=device),
+        torch.ones(width, device=device, dtype=torch.float64),
         width,
     )
 

@@ -358,6 +358,11 @@ class GrowableNetwork(nn.Module):
         before = self._reference_output() if verify and init != "random" else None
         params_before = self.num_parameters()
         planned = compute_values(plans, init=init, noise=float(noise), generators=gens)
+        old_shapes = {
+            (id(pm.module), t): tuple(getattr(pm.module, t).shape)
+            for pm in planned
+            for t in pm.values
+        }
         tx = Transaction()
         try:
             for pm in planned:
@@ -406,6 +411,7 @@ class GrowableNetwork(nn.Module):
             for tname in pm.values:
                 full = f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
                 changes.tensors[full] = pm.update.tensors[tname].steps
+                changes.old_shapes[full] = old_shapes[(id(pm.module), tname)]
         self._notify(record, changes)
         return record
 
@@ -431,10 +437,11 @@ class GrowableNetwork(nn.Module):
         start = time.perf_counter()
         module, rule = self._layer_rule(name)
         if kind not in KINDS:
-            raise GrowthError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise GrowthError(f"deepen({name!r}): kind must be one of {KINDS}, got {kind!r}")
         if activation is not None and not isinstance(activation, nn.Module):
             raise GrowthError(
-                f"activation must be an nn.Module instance (e.g. nn.ReLU()), got {activation!r}"
+                f"deepen({name!r}): activation must be an nn.Module instance (e.g. nn.ReLU()), "
+                f"got {activation!r}"
             )
         nodes = self.analysis.module_nodes[name]
         if len(nodes) != 1:
@@ -446,7 +453,10 @@ class GrowableNetwork(nn.Module):
         new_act = activation if activation is not None else chain.activation
         if kind == "identity":
             check_identity_exact(name, chain, new_act)
-        layer = rule.square_like(module, width)
+        try:
+            layer = rule.square_like(module, width)
+        except GrowthError as exc:
+            raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
         if layer is None:
             raise UnsupportedLayerError(
                 f"{name!r} ({type(module).__name__}) has no identity rule, so nothing can be "
@@ -480,6 +490,8 @@ class GrowableNetwork(nn.Module):
                     p.zero_()
             new_modules.append((f"{base}_res{k}", block))
             targets = [f"grown.{base}_res{k}.{c}" for c in ("layer1", "act", "layer2")]
+        for _, m in new_modules:
+            m.train(module.training)  # new layers follow the mode of the layer they extend
         new_graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
         new_graph.output(new_graph.graph_copy(self._graph, val_map))
@@ -492,6 +504,7 @@ class GrowableNetwork(nn.Module):
         try:
             if grown is None:
                 grown = nn.Module()
+                grown.train(self.training)
                 tx.set_attr(self, "grown", grown)
             for n, m in new_modules:
                 tx.set_attr(grown, n, m)

@@ -1,7 +1,8 @@
 """Keeping an optimizer usable and its state meaningful across growth.
 
 ``GrowableNetwork.widen/deepen(..., optimizer=opt)`` use this module; it is also usable on its own
-(:func:`remap_state`, :func:`add_params`, :func:`check_supported`) for code that grows the network
+(:func:`remapped_state`, :func:`remap_after_growth` from a growth hook, :func:`add_params`,
+:func:`check_supported`) for code that grows the network
 first and fixes the optimizer after.
 
 Parameters keep their identity when they grow (their ``.data`` is replaced), so param groups stay
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import GrowthError
+from .hooks import GrowthChanges
 from .transform import AxisStep, grow_state
 
 #: Power of the gradient each known state key accumulates: the key's value is scaled by
@@ -44,35 +46,73 @@ def state_power(optimizer: torch.optim.Optimizer, key: str) -> int | None:
 
 def check_supported(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
     """Raise :class:`GrowthError` (before anything changes) if some state of ``params`` has no
-    known remapping."""
+    known remapping: an unknown key shaped like the parameter, or any state tensor of another
+    shape (factored second moments, flattened histories)."""
     for p in params:
         for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
-                if state_power(optimizer, key) is None:
-                    raise GrowthError(
-                        f"{type(optimizer).__name__} keeps per-parameter state {key!r} that "
-                        f"net2grow does not know how to carry across growth (known: "
-                        f"{sorted(STATE_POWERS)}). Grow without optimizer=... and build a new "
-                        f"optimizer, or register the key in growth.optim.STATE_POWERS."
-                    )
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue  # step counts and other scalars are kept as they are
+            if value.shape != p.shape:
+                raise GrowthError(
+                    f"{type(optimizer).__name__} keeps per-parameter state {key!r} of shape "
+                    f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}; net2grow "
+                    f"cannot carry such state across growth. Grow without optimizer=... and "
+                    f"build a new optimizer."
+                )
+            if state_power(optimizer, key) is None:
+                raise GrowthError(
+                    f"{type(optimizer).__name__} keeps per-parameter state {key!r} that "
+                    f"net2grow does not know how to carry across growth (known: "
+                    f"{sorted(STATE_POWERS)}). Grow without optimizer=... and build a new "
+                    f"optimizer, or register the key in growth.optim.STATE_POWERS."
+                )
 
 
 def remapped_state(
-    optimizer: torch.optim.Optimizer, p: nn.Parameter, steps: list[AxisStep], init: str
+    optimizer: torch.optim.Optimizer,
+    p: nn.Parameter,
+    steps: list[AxisStep],
+    init: str,
+    old_shape: tuple[int, ...] | None = None,
 ) -> dict[str, object] | None:
-    """The new state of ``p`` (not yet installed), or None when ``p`` has none."""
+    """The new state of ``p`` (not yet installed), or None when ``p`` has none.
+
+    ``old_shape`` is the parameter's shape before growth (default: its current shape, for use
+    before the parameter itself is grown).
+    """
     state = optimizer.state.get(p)
     if not state:
         return None
+    shape = torch.Size(old_shape) if old_shape is not None else p.shape
     new: dict[str, object] = {}
     for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
+        if isinstance(value, Tensor) and value.shape == shape and value.dim() > 0:
             power = state_power(optimizer, key)
-            assert power is not None  # check_supported ran first
+            if power is None:
+                raise GrowthError(f"no known remapping for optimizer state {key!r}")
             new[key] = grow_state(value, steps, init=init, power=power)
         else:
             new[key] = value  # step counts and other scalars are kept
     return new
+
+
+def remap_after_growth(
+    optimizer: torch.optim.Optimizer, network: nn.Module, changes: GrowthChanges
+) -> None:
+    """Fix ``optimizer`` after a growth it was not passed to (from a growth hook).
+
+    Grown parameters keep their identity, so param groups stay valid; their state is remapped
+    with the operation's unit mapping. New parameters (``deepen``) are not added: use
+    :func:`add_params`.
+    """
+    params = dict(network.named_parameters())
+    for name, steps in changes.tensors.items():
+        p = params.get(name)
+        if p is None or p not in optimizer.state:
+            continue
+        new = remapped_state(optimizer, p, steps, changes.init, changes.old_shapes.get(name))
+        if new is not None:
+            optimizer.state[p] = new
 
 
 def param_group_of(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict | None:
