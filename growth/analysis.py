@@ -92,6 +92,20 @@ class AnalysisContext:
             return self.opaque(node, "changes the channel dimension")
         return layout.with_dim(dim)
 
+    def refuse_channels(self, node: fx.Node, why: str) -> Layout | None:
+        """An op that has a rule but mixes the units of its channels (softmax over channels):
+        the layout passes through, and its spaces are blocked with ``why``."""
+        layout = self.layout(node.args[0] if node.args else None)
+        if layout is None:
+            return self.fixed(node, f"output of {describe(node)}")
+        self.spaces.block_layout(
+            layout,
+            f"{describe(node)} {why}: replicated units would change its result. Grow the "
+            f"layers whose outputs do not reach it",
+            UnsupportedLayerError,
+        )
+        return layout
+
     def opaque(self, node: fx.Node, why: str = "has no growth rule") -> Layout | None:
         """Block every input space of ``node``; its output units are fixed."""
         reason = f"{describe(node)} {why}; {REGISTER_HINT}"
@@ -151,7 +165,7 @@ def _block_output(ctx: AnalysisContext, node: fx.Node) -> None:
         if lay is None:
             continue
         reason = "it is (or feeds) the network's output, whose width is fixed"
-        ctx.spaces.block_layout(lay, reason, GrowthError)
+        ctx.spaces.block_layout(lay, reason, GrowthError, priority=0)
 
 
 def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:

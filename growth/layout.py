@@ -54,6 +54,7 @@ class Block:
 
     reason: str
     error: type[GrowthError] = GrowthError
+    priority: int = 1  # the reason reported first is the one of lowest priority value
 
 
 @dataclass
@@ -99,16 +100,27 @@ class SpaceTable:
     def info(self, space: int) -> _SpaceInfo:
         return self._info[self.find(space)]
 
-    def block(self, space: int, reason: str, error: type[GrowthError] = GrowthError) -> None:
-        self.info(space).blocks.append(Block(reason, error))
+    def block(
+        self, space: int, reason: str, error: type[GrowthError] = GrowthError, priority: int = 1
+    ) -> None:
+        self.info(space).blocks.append(Block(reason, error, priority))
 
     def block_layout(
-        self, layout: Layout | None, reason: str, error: type[GrowthError] = UnsupportedLayerError
+        self,
+        layout: Layout | None,
+        reason: str,
+        error: type[GrowthError] = UnsupportedLayerError,
+        priority: int = 1,
     ) -> None:
         if layout is None:
             return
         for seg in layout.segments:
-            self.block(seg.space, reason, error)
+            self.block(seg.space, reason, error, priority)
+
+    def first_block(self, space: int) -> Block | None:
+        """The reason to report for a blocked space (the network's output first)."""
+        blocks = self.info(space).blocks
+        return min(blocks, key=lambda b: b.priority) if blocks else None
 
     def require_groups(self, space: int, groups: int) -> None:
         info = self.info(space)

@@ -250,8 +250,8 @@ class GrowableNetwork(nn.Module):
 
     def _blocked_reason(self, name: str) -> tuple[str, type[GrowthError]] | None:
         group, _ = self._group_of(name)
-        blocks = self.analysis.spaces.info(group).blocks
-        return (blocks[0].reason, blocks[0].error) if blocks else None
+        block = self.analysis.spaces.first_block(group)
+        return (block.reason, block.error) if block else None
 
     @property
     def layers(self) -> list[str]:

@@ -35,7 +35,7 @@ class SoftmaxRule(ModuleRule):
         if layout is None or module.dim is None:
             return ctx.opaque(node, "normalises over all dimensions")
         if normalise_dim(module.dim, len(shape)) == layout.dim:
-            return ctx.opaque(node, "normalises over the channels")
+            return ctx.refuse_channels(node, "normalises over the channels")
         return ctx.passthrough(node)
 
 

@@ -188,7 +188,7 @@ class Softmax(FunctionRule):
         if layout is None or not isinstance(dim, int):
             return ctx.opaque(node, "normalises over an unknown dimension")
         if normalise_dim(dim, len(shape)) == layout.dim:
-            return ctx.opaque(node, "normalises over the channels")
+            return ctx.refuse_channels(node, "normalises over the channels")
         return ctx.passthrough(node)
 
 

@@ -74,7 +74,8 @@ class GroupNormRule(ModuleRule):
         ctx.spaces.block_layout(
             layout,
             f"layer {name!r} (GroupNorm, {module.num_groups} groups) normalises over groups of "
-            f"channels; replicated units would change its statistics",
+            f"channels; replicated units would change its statistics. Grow layers that do not "
+            f"feed it, or use BatchNorm / GroupNorm with one channel per group",
             UnsupportedLayerError,
         )
         return ctx.fixed(node, f"output of {name!r}")
