@@ -1,0 +1,345 @@
+"""``python -m benchmarks continual``: growing models against Avalanche's baselines.
+
+Every method trains the same MLP family with the same optimizer, epochs and minibatch size on
+the same stream. Fixed models are either *small* (the growing models' starting size) or *large*
+(their final-size budget); the growing variants start small and widen every hidden layer after
+each experience so that they end at the large size. Reported per method: final average accuracy,
+average forgetting, final parameter count, training compute (FLOPs counted by
+``torch.utils.flop_counter`` over every training step) and wall time, over several seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from growth import GrowableNetwork
+
+COLUMNS = ["method", "hidden", "final_acc", "forgetting", "params", "gflops", "seconds"]
+METHODS = (
+    "naive-small",
+    "naive-large",
+    "ewc",
+    "lwf",
+    "replay",
+    "joint",
+    "pnn",
+    "grow-naive",
+    "grow-replay",
+    "grow-ewc",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Hyperparameters shared by every method of one run."""
+
+    stream: str
+    scenario: str
+    small: int
+    large: int
+    epochs: int
+    mb_size: int
+    lr: float
+    mem_size: int
+    ewc_lambda: float
+    device: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stream",
+        default="split-digits",
+        choices=["split-digits", "split-fmnist", "permuted-fmnist"],
+    )
+    parser.add_argument(
+        "--scenario",
+        default=None,
+        choices=["class", "task", "domain"],
+        help="default: domain for permuted-fmnist, class otherwise",
+    )
+    parser.add_argument("--experiences", type=int, default=None)
+    parser.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if m != "pnn"),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    parser.add_argument("--small", type=int, default=16, help="hidden width of small models")
+    parser.add_argument("--large", type=int, default=64, help="hidden width of large models")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--mb-size", type=int, default=None, help="default: 32 on digits, 64 else")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--train-per-exp",
+        type=int,
+        default=None,
+        help="subsample training images per experience (Fashion-MNIST)",
+    )
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+def mlp(in_features: int, hidden: int, n_out: int) -> nn.Sequential:
+    """The model family of the comparison: flatten, two hidden ReLU layers, linear head."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, n_out),
+    )
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: Any, device: str, mb_size: int = 512) -> list[float]:
+    """Accuracy on each experience of ``stream``."""
+    from avalanche.models.utils import avalanche_forward
+
+    model.eval()
+    accs = []
+    for exp in stream:
+        correct = total = 0
+        for x, y, t in DataLoader(exp.dataset, batch_size=mb_size):
+            x, y, t = x.to(device), y.to(device), t.to(device)
+            pred = avalanche_forward(model, x, t).argmax(1)
+            correct += int((pred == y).sum())
+            total += len(y)
+        accs.append(correct / max(total, 1))
+    model.train()
+    return accs
+
+
+def forgetting(matrix: list[list[float]]) -> float:
+    """Mean drop from each experience's best accuracy to its final one (last excluded)."""
+    if len(matrix) < 2:
+        return 0.0  # trained once (joint training): nothing to forget
+    final = matrix[-1]
+    drops = [max(row[j] for row in matrix[:-1]) - final[j] for j in range(len(final) - 1)]
+    return sum(drops) / len(drops) if drops else 0.0
+
+
+def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | None):
+    """Build (strategy, model) for ``method``."""
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.supervised import EWC, JointTraining, LwF, Naive, PNNStrategy, Replay
+
+    torch.manual_seed(seed)
+    in_features = math.prod(meta.input_shape)
+    n_out = meta.n_classes
+    hidden = (
+        s.small if method in ("naive-small", "grow-naive", "grow-replay", "grow-ewc") else s.large
+    )
+    common = dict(
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=s.mb_size,
+        train_epochs=s.epochs,
+        eval_mb_size=512,
+        device=s.device,
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    if method == "pnn":
+        from avalanche.models import PNN
+
+        model = PNN(num_layers=2, in_features=in_features, hidden_features_per_column=s.small)
+        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+        return PNNStrategy(model=model, optimizer=opt, **common), model
+    model: nn.Module = mlp(in_features, hidden, n_out)
+    plugins = []
+    if method.startswith("grow-"):
+        from strategies import GrowthPlugin, growth_metrics
+        from strategies.policies import EveryExperience
+
+        model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
+        growths = max(meta.n_experiences - 1, 1)
+        factor = (s.large / s.small) ** (1 / growths)
+        budget = count_params(mlp(in_features, s.large, n_out))
+        plugins.append(GrowthPlugin(EveryExperience(factor=factor), max_params=budget))
+        if tb_dir is not None:
+            from avalanche.logging import TensorboardLogger
+
+            common["evaluator"] = EvaluationPlugin(
+                growth_metrics(), loggers=[TensorboardLogger(tb_log_dir=tb_dir)]
+            )
+    model = model.to(s.device)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    base = method.removeprefix("grow-")
+    if base in ("naive", "naive-small", "naive-large"):
+        return Naive(model=model, optimizer=opt, plugins=plugins, **common), model
+    if base == "ewc":
+        return EWC(
+            model=model, optimizer=opt, ewc_lambda=s.ewc_lambda, plugins=plugins, **common
+        ), model
+    if base == "lwf":
+        return LwF(
+            model=model, optimizer=opt, alpha=1.0, temperature=2.0, plugins=plugins, **common
+        ), model
+    if base == "replay":
+        return Replay(
+            model=model, optimizer=opt, mem_size=s.mem_size, plugins=plugins, **common
+        ), model
+    if base == "joint":
+        return JointTraining(model=model, optimizer=opt, plugins=plugins, **common), model
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def run_method(
+    method: str, s: Setting, bench: Any, meta: Any, seed: int, tb_dir: str | None
+) -> dict[str, Any]:
+    """Train ``method`` on the whole stream; accuracy matrix, compute, size, time."""
+    strategy, _ = _make_strategy(method, s, meta, seed, tb_dir)
+    matrix: list[list[float]] = []
+    flops = 0
+    start = time.perf_counter()
+    steps = [bench.train_stream] if method == "joint" else list(bench.train_stream)
+    for exp in steps:
+        counter = FlopCounterMode(display=False)  # entering a counter resets it: one per call
+        with counter:
+            strategy.train(exp)
+        flops += counter.get_total_flops()
+        matrix.append(evaluate(strategy.model, bench.test_stream, s.device))
+    seconds = time.perf_counter() - start
+    return {
+        "method": method,
+        "seed": seed,
+        "final_acc": sum(matrix[-1]) / len(matrix[-1]),
+        "forgetting": forgetting(matrix),
+        "params": count_params(strategy.model),
+        "flops": int(flops),
+        "seconds": seconds,
+        "matrix": matrix,
+    }
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.scenario is None:
+        args.scenario = "domain" if args.stream == "permuted-fmnist" else "class"
+    if args.epochs is None:
+        args.epochs = 8 if args.stream == "split-digits" else 2
+    if args.mb_size is None:
+        args.mb_size = 32 if args.stream == "split-digits" else 64
+    if args.quick:
+        args.seeds = min(args.seeds, 1) if isinstance(args.seeds, int) else 1
+        args.epochs = 1
+        if args.train_per_exp is None and args.stream != "split-digits":
+            args.train_per_exp = 500
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every requested method over the seeds; print, write and plot the comparison."""
+    from benchmarks._report import (
+        fmt_mean_std,
+        format_table,
+        mean_std,
+        save_plot,
+        write_results,
+    )
+    from benchmarks.data import make_stream
+
+    args = _defaults(args)
+    warnings.simplefilter("ignore", DeprecationWarning)  # Avalanche 0.6 deprecation notes
+    warnings.filterwarnings("ignore", message="No loggers specified")
+    seeds = list(range(args.seeds)) if isinstance(args.seeds, int) else list(args.seeds)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if "pnn" in methods and args.scenario != "task":
+        methods.remove("pnn")  # PNN needs task labels
+    scenario = "class" if args.scenario == "domain" else args.scenario
+    setting = Setting(
+        stream=args.stream,
+        scenario=args.scenario,
+        small=args.small,
+        large=args.large,
+        epochs=args.epochs,
+        mb_size=args.mb_size,
+        lr=args.lr,
+        mem_size=200 if args.stream == "split-digits" else 1000,
+        ewc_lambda=100.0,
+        device=args.device,
+    )
+    # small MLPs: one intra-op thread is several times faster than two on a busy 2-core machine
+    torch.set_num_threads(args.threads)
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(seeds) * len(methods), desc="continual", unit="run")
+    for seed in seeds:
+        bench, meta = make_stream(
+            args.stream,
+            scenario=scenario,
+            n_experiences=args.experiences,
+            seed=seed,
+            data_root=args.data_root,
+            train_per_exp=args.train_per_exp,
+        )
+        for method in methods:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            tb = f"{args.runs_dir}/continual/{args.stream}-{args.scenario}/{method}-s{seed}"
+            results.append(run_method(method, setting, bench, meta, seed, tb))
+            bar.update()
+    bar.close()
+    rows = []
+    for method in methods:
+        rs = [r for r in results if r["method"] == method]
+        hidden = setting.small if method in ("naive-small", "pnn") else setting.large
+        if method.startswith("grow-"):
+            hidden = f"{setting.small}->{setting.large}"
+        rows.append(
+            {
+                "method": method,
+                "hidden": hidden,
+                "final_acc": fmt_mean_std([r["final_acc"] for r in rs]),
+                "forgetting": fmt_mean_std([r["forgetting"] for r in rs]),
+                "params": f"{int(mean_std([r['params'] for r in rs])[0]):,}",
+                "gflops": fmt_mean_std([r["flops"] / 1e9 for r in rs], digits=2),
+                "seconds": fmt_mean_std([r["seconds"] for r in rs], digits=1),
+            }
+        )
+    print(f"\ncontinual: {args.stream} ({args.scenario}-incremental), seeds {seeds}")
+    print(format_table(rows, COLUMNS))
+    name = f"continual-{args.stream}-{args.scenario}"
+    payload = {"setting": setting.__dict__, "seeds": seeds, "runs": results}
+    paths = write_results(name, payload, rows, COLUMNS, out_dir=args.out_dir)
+    paths["plot"] = save_plot(_plot(results, methods), name, out_dir=args.out_dir)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    print(f"TensorBoard: tensorboard --logdir {args.runs_dir}")
+    return {"rows": rows, "runs": results, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _plot(results: list[dict[str, Any]], methods: list[str]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        rs = [r for r in results if r["method"] == method]
+        xs = [r["flops"] / 1e9 for r in rs]
+        ys = [r["final_acc"] for r in rs]
+        marker: Callable | str = "^" if method.startswith("grow-") else "o"
+        ax.scatter(xs, ys, marker=marker, label=method)
+    ax.set_xlabel("training compute (GFLOPs, torch.utils.flop_counter)")
+    ax.set_ylabel("final average accuracy")
+    ax.set_title("accuracy against compute")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
