@@ -33,7 +33,7 @@ from .tracing import FUNCTIONAL_CONTAINER, ShapeRecorder, trace_both_modes
 from .transaction import Transaction
 from .transform import INITS
 from .verify import DEFAULT_TOLERANCE, allowed_error, eval_mode, output_difference
-from .widen import compute_values, plan_updates
+from .widen import compute_values, plan_updates, resolve
 
 _PROBE_PREFIX = "_probe_"
 
@@ -350,7 +350,7 @@ class GrowableNetwork(nn.Module):
             device=device,
         )
         plans = plan_updates(self, self.analysis, group, mapping)
-        params = [getattr(m, t) for _, m, u in plans for t in u.tensors]
+        params = [getattr(*resolve(m, t)) for _, m, u in plans for t in u.tensors]
         if optimizer is not None:
             optim_state.check_supported(
                 optimizer, [p for p in params if isinstance(p, nn.Parameter)]
@@ -359,7 +359,7 @@ class GrowableNetwork(nn.Module):
         params_before = self.num_parameters()
         planned = compute_values(plans, init=init, noise=float(noise), generators=gens)
         old_shapes = {
-            (id(pm.module), t): tuple(getattr(pm.module, t).shape)
+            (id(pm.module), t): tuple(getattr(*resolve(pm.module, t)).shape)
             for pm in planned
             for t in pm.values
         }
@@ -367,16 +367,17 @@ class GrowableNetwork(nn.Module):
         try:
             for pm in planned:
                 for tname, value in pm.values.items():
-                    p = getattr(pm.module, tname)
+                    owner, leaf = resolve(pm.module, tname)
+                    p = getattr(owner, leaf)
                     if optimizer is not None and isinstance(p, nn.Parameter):
                         new_state = optim_state.remapped_state(
                             optimizer, p, pm.update.tensors[tname].steps, init
                         )
                         if new_state is not None:
                             tx.set_state(optimizer, p, new_state)
-                    tx.set_tensor(pm.module, tname, value)
+                    tx.set_tensor(owner, leaf, value)
                 for attr, value in pm.update.attrs.items():
-                    tx.set_attr(pm.module, attr, value)
+                    tx.set_attr(*resolve(pm.module, attr), value)
             if before is None:  # not verified: shapes follow from the layouts, no forward
                 self._grow_recorded_shapes(group, new_units)
                 err = None

@@ -30,6 +30,12 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def resolve(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(owner submodule, attribute name) of a dotted ``path`` relative to ``module``."""
+    owner, _, leaf = path.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), leaf
+
+
 def plan_updates(
     root: nn.Module, analysis: ChannelAnalysis, group: int, mapping: UnitMapping
 ) -> list[tuple[str, nn.Module, ModuleUpdate]]:
@@ -71,7 +77,7 @@ def compute_values(
     for name, module, update in plans:
         values = {}
         for tname, growth in update.tensors.items():
-            old = getattr(module, tname)
+            old = getattr(*resolve(module, tname))
             if old is None:
                 continue
             values[tname] = grow_value(

@@ -1,0 +1,236 @@
+"""Growth policies: when and how a network grows while an Avalanche strategy trains it.
+
+A policy is asked by :class:`~strategies.plugin.GrowthPlugin` at two points:
+
+- ``before_experience(strategy, net)``: before the optimizer is rebuilt for a new experience;
+- ``after_iteration(strategy, net)``: after every training iteration (the actions returned are
+  applied at the start of the next iteration, with an explicit optimizer fix-up).
+
+Both return a list of growth actions (:class:`Widen`, :class:`Deepen`); an empty list means no
+growth. Subclass :class:`Policy` (no-op defaults) or implement :class:`GrowthPolicy` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from growth import GrowableNetwork, GrowthError
+
+
+@dataclass(frozen=True)
+class Widen:
+    """Widen ``layer`` to ``width`` units, or by ``factor`` (exactly one of them).
+
+    ``init``, ``split`` and ``noise`` are passed to :meth:`GrowableNetwork.widen`.
+    """
+
+    layer: str
+    width: int | None = None
+    factor: float | None = None
+    init: str = "net2net"
+    split: str = "random"
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.width is None) == (self.factor is None):
+            raise GrowthError(f"Widen({self.layer!r}): give exactly one of width= and factor=")
+
+    def target_width(self, current: int) -> int:
+        """The width asked for, given the layer's ``current`` width."""
+        if self.width is not None:
+            return int(self.width)
+        assert self.factor is not None
+        return int(round(current * self.factor))
+
+
+@dataclass(frozen=True)
+class Deepen:
+    """Insert a new layer after ``layer`` (``kind``: "identity" or "residual")."""
+
+    layer: str
+    kind: str = "identity"
+
+
+GrowthAction = Widen | Deepen
+
+
+@runtime_checkable
+class GrowthPolicy(Protocol):
+    """What a growth policy implements (see the module docstring)."""
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
+        """Actions to apply before training on ``strategy.experience``."""
+        ...
+
+    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
+        """Actions to apply before the next training iteration (``strategy.loss`` is set)."""
+        ...
+
+
+class Policy:
+    """Base class with no-op callbacks: override the ones the policy needs."""
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
+        return []
+
+    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
+        return []
+
+
+def hidden_layers(net: GrowableNetwork, layers: Sequence[str] | None) -> list[str]:
+    """``layers`` if given, else every layer of ``net`` whose width can grow (graph order)."""
+    return list(layers) if layers is not None else list(net.layers)
+
+
+def experiences_seen(strategy: Any) -> int:
+    """Number of experiences trained before the current one."""
+    return int(strategy.clock.train_exp_counter)
+
+
+class EveryExperience(Policy):
+    """Widen layers by ``factor`` before every experience but the first.
+
+    Parameters
+    ----------
+    factor : float
+        Growth factor of each layer's width (> 1).
+    layers : sequence of str, optional
+        Layers to widen; default: every growable hidden layer at that time.
+    deepen : bool or str
+        If true, also insert one layer after the last of those layers each time
+        (``"identity"`` for True, or the ``kind`` given: ``"identity"``/``"residual"``).
+    """
+
+    def __init__(
+        self, factor: float = 1.5, layers: Sequence[str] | None = None, deepen: bool | str = False
+    ) -> None:
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1:
+            raise GrowthError(f"EveryExperience: factor must be a number > 1, got {factor!r}")
+        if deepen not in (False, True, "identity", "residual"):
+            raise GrowthError(f"EveryExperience: deepen must be a bool or a kind, got {deepen!r}")
+        self.factor = float(factor)
+        self.layers = None if layers is None else list(layers)
+        self.deepen = "identity" if deepen is True else deepen
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        if experiences_seen(strategy) == 0:
+            return []
+        names = hidden_layers(net, self.layers)
+        actions: list[GrowthAction] = [Widen(n, factor=self.factor) for n in names]
+        if self.deepen and names:
+            actions.append(Deepen(names[-1], kind=str(self.deepen)))
+        return actions
+
+
+class NewClasses(Policy):
+    """Give each layer ``units_per_class`` units per class seen so far (never shrinking).
+
+    Classes are counted as distinct ``(task label, class)`` pairs over the experiences trained
+    so far and the current one, so task-incremental streams that reuse class ids count each
+    task's classes.
+
+    Parameters
+    ----------
+    units_per_class : int
+        Units per seen class.
+    layers : sequence of str, optional
+        Layers to grow; default: every growable hidden layer.
+    """
+
+    def __init__(self, units_per_class: int, layers: Sequence[str] | None = None) -> None:
+        if isinstance(units_per_class, bool) or not isinstance(units_per_class, int):
+            raise GrowthError(f"NewClasses: units_per_class must be an int: {units_per_class!r}")
+        if units_per_class < 1:
+            raise GrowthError(f"NewClasses: units_per_class must be >= 1, got {units_per_class}")
+        self.units_per_class = units_per_class
+        self.layers = None if layers is None else list(layers)
+        self.seen: set[tuple[int, int]] = set()
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        exp = strategy.experience
+        tasks = sorted({int(t) for t in exp.task_labels})
+        for t in tasks:
+            self.seen.update((t, int(c)) for c in exp.classes_in_this_experience)
+        target = self.units_per_class * len(self.seen)
+        return [
+            Widen(n, width=target) for n in hidden_layers(net, self.layers) if net.width(n) < target
+        ]
+
+
+class OnPlateau(Policy):
+    """Widen mid-experience when the training loss stops improving.
+
+    The loss (``strategy.loss``, penalties included) is smoothed by an exponential moving
+    average; when it has not improved by more than ``min_delta`` for ``patience`` iterations,
+    the layers are widened by ``factor`` and the wait starts over. The state is reset at each
+    new experience.
+
+    Parameters
+    ----------
+    patience : int
+        Iterations without improvement before growing.
+    min_delta : float
+        Smallest decrease of the smoothed loss that counts as an improvement.
+    factor : float
+        Growth factor of each layer's width (> 1).
+    layers : sequence of str, optional
+        Layers to widen; default: every growable hidden layer.
+    smoothing : float
+        EMA coefficient in ``[0, 1)`` (0: raw mini-batch losses).
+    max_growths : int, optional
+        Most growths per experience (None: unlimited).
+    """
+
+    def __init__(
+        self,
+        patience: int = 10,
+        min_delta: float = 1e-3,
+        factor: float = 1.5,
+        layers: Sequence[str] | None = None,
+        smoothing: float = 0.0,
+        max_growths: int | None = None,
+    ) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise GrowthError(f"OnPlateau: patience must be an int >= 1, got {patience!r}")
+        if not 0.0 <= smoothing < 1.0:
+            raise GrowthError(f"OnPlateau: smoothing must be in [0, 1), got {smoothing!r}")
+        if not isinstance(factor, (int, float)) or factor <= 1:
+            raise GrowthError(f"OnPlateau: factor must be a number > 1, got {factor!r}")
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.factor = float(factor)
+        self.layers = None if layers is None else list(layers)
+        self.smoothing = float(smoothing)
+        self.max_growths = max_growths
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = math.inf
+        self.ema: float | None = None
+        self.wait = 0
+        self.growths = 0
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        self._reset()
+        return []
+
+    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        loss = float(strategy.loss.detach())
+        if not math.isfinite(loss):
+            return []
+        a = self.smoothing
+        self.ema = loss if self.ema is None else a * self.ema + (1 - a) * loss
+        if self.ema < self.best - self.min_delta:
+            self.best, self.wait = self.ema, 0
+            return []
+        self.wait += 1
+        if self.wait < self.patience:
+            return []
+        if self.max_growths is not None and self.growths >= self.max_growths:
+            return []
+        self.wait, self.best, self.ema = 0, math.inf, None
+        self.growths += 1
+        return [Widen(n, factor=self.factor) for n in hidden_layers(net, self.layers)]

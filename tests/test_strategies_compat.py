@@ -1,0 +1,252 @@
+"""EWC and SI state follows growth: penalties are equal right before and right after a widening.
+
+Penalties are computed by the plugins themselves (``before_backward`` on a stand-in strategy,
+``strategies.compat.penalty``). Weights are perturbed away from the anchors first so that every
+parameter contributes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.benchmarks import nc_benchmark
+from avalanche.training.plugins import (
+    EvaluationPlugin,
+    EWCPlugin,
+    SupervisedPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.supervised import Naive
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from growth import GrowableNetwork
+from strategies import GrowthPlugin
+from strategies.compat import OutOfSyncError, penalty, remap_ewc, remap_importance, remap_value
+from strategies.policies import OnPlateau, Policy
+
+
+def digits_stream(n_experiences: int = 5, seed: int = 0):
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1.0)
+    y = torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+
+    def subset(idx: torch.Tensor) -> TensorDataset:
+        ds = TensorDataset(x[idx], y[idx])
+        ds.targets = y[idx].tolist()
+        return ds
+
+    return nc_benchmark(
+        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
+        task_labels=False, seed=seed, fixed_class_order=list(range(10)),
+    )
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return digits_stream()
+
+
+def mlp_net() -> GrowableNetwork:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 10))
+    return GrowableNetwork(model, torch.zeros(4, 64))
+
+
+def trained(regulariser, stream, n: int = 2, policy=None):
+    """A network trained on ``n`` experiences by Naive + ``regulariser`` + a GrowthPlugin."""
+    net = mlp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    plugin = GrowthPlugin(policy or Policy(), generator=0)
+    strategy = Naive(model=net, optimizer=opt, train_mb_size=8, evaluator=EvaluationPlugin(),
+                     plugins=[plugin, regulariser])
+    for exp in stream.train_stream[:n]:
+        strategy.train(exp)
+    return net, opt, strategy
+
+
+def perturb(net: nn.Module, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def grow_twice(net: GrowableNetwork, opt) -> None:
+    """Widen two consecutive layers: the middle weight grows in both dimensions."""
+    g = torch.Generator().manual_seed(3)
+    net.widen("0", 24, optimizer=opt, generator=g)
+    net.widen("2", 30, optimizer=opt, generator=g)
+    net.widen("0", 40, split="equal", optimizer=opt, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_ewc_penalty_is_equal_across_growth(mode, stream):
+    kwargs = {"decay_factor": 0.9} if mode == "online" else {}
+    ewc = EWCPlugin(ewc_lambda=1.0, mode=mode, **kwargs)
+    net, opt, _ = trained(ewc, stream, n=3)
+    perturb(net)
+    before = penalty(ewc, net, exp_counter=3)
+    assert before > 1e-3
+    grow_twice(net, opt)
+    after = penalty(ewc, net, exp_counter=3)
+    assert after == pytest.approx(before, rel=1e-5)
+    stores = [ewc.saved_params, ewc.importances]
+    kept = {e for store in stores for e in store if store[e]}
+    assert kept == ({0, 1, 2} if mode == "separate" else {2})
+    for store in stores:
+        for e in kept:
+            assert store[e]["2.weight"].shape == net.get_submodule("2").weight.shape
+
+
+def test_ewc_leaves_copies_unpenalised_and_originals_penalised(stream):
+    ewc = EWCPlugin(ewc_lambda=1.0)
+    net, opt, _ = trained(ewc, stream, n=2)
+    perturb(net)
+    net.widen("0", 24, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    base = penalty(ewc, net, exp_counter=2)
+    w = net.get_submodule("2").weight  # consumer: columns 16.. are copies
+    with torch.no_grad():
+        w[:, 16:] += 1.0
+    assert penalty(ewc, net, exp_counter=2) == pytest.approx(base, rel=1e-6)
+    with torch.no_grad():
+        w[:, :16] += 1.0
+    assert penalty(ewc, net, exp_counter=2) > base + 1e-3
+
+
+def test_remaps_match_the_derivation():
+    """θ' - θ*' = s (θ - θ*) on a copied column and Ω' = Ω / s² on the original only."""
+    net = GrowableNetwork(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1)),
+                          torch.zeros(1, 3))
+    steps = {}
+    net.register_growth_hook(lambda rec, changes: steps.update(changes.tensors))
+    w = net.get_submodule("2").weight.detach().clone()
+    net.widen("0", 4, generator=torch.Generator().manual_seed(0))
+    (step,) = steps["2.weight"]
+    share, src = step.amap.share, step.amap.source
+    anchor, omega = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 3.0]])
+    new_w = net.get_submodule("2").weight.detach()
+    torch.testing.assert_close(new_w, w[:, src] * share)
+    a2 = remap_value(anchor, [step], "net2net")
+    o2 = remap_importance(omega, [step], "net2net")
+    torch.testing.assert_close(new_w - a2, (w - anchor)[:, src] * share)
+    torch.testing.assert_close(o2[:, :2], omega / share[:2] ** 2)
+    assert o2[:, 2:].abs().sum() == 0
+    assert float((o2 * (new_w - a2) ** 2).sum()) == pytest.approx(
+        float((omega * (w - anchor) ** 2).sum()), rel=1e-6)
+
+
+def test_state_that_missed_a_growth_is_reported_not_misaligned(stream):
+    ewc = EWCPlugin(ewc_lambda=1.0)
+    trained(ewc, stream, n=1)  # anchors and importances of a 16-unit layer "0"
+    other = mlp_net()
+    changes = []
+    other.register_growth_hook(lambda rec, ch: changes.append(ch))
+    other.widen("0", 20)
+    other.widen("0", 24)  # the second growth starts from 20 units: not what EWC holds
+    with pytest.raises(OutOfSyncError, match="missed an earlier growth"):
+        remap_ewc(ewc, changes[1])
+
+
+def _fill_si_state(si: SynapticIntelligencePlugin, net: nn.Module) -> None:
+    """Non-zero SI state (on CPU, Avalanche 0.6's SI stores views of the weights, so its path
+    integral, hence its importance, is always 0)."""
+    g = torch.Generator().manual_seed(2)
+    for n, p in net.named_parameters():
+        si.ewc_data[0][n].data = (p.detach() + 0.1 * torch.randn(p.shape, generator=g)).flatten()
+        si.ewc_data[1][n].data = torch.rand(p.numel(), generator=g)
+        si.syn_data["cum_trajectory"][n].data = torch.rand(p.numel(), generator=g)
+        si.syn_data["trajectory"][n].data = torch.rand(p.numel(), generator=g)
+
+
+def test_si_penalty_is_equal_across_growth(stream):
+    si = SynapticIntelligencePlugin(si_lambda=1.0)
+    net, opt, _ = trained(si, stream, n=1)
+    _fill_si_state(si, net)
+    traj = {n: si.syn_data["trajectory"][n].data.clone() for n in ("4.weight",)}
+    before = penalty(si, net, exp_counter=1)
+    assert before > 1e-3
+    grow_twice(net, opt)
+    assert penalty(si, net, exp_counter=1) == pytest.approx(before, rel=1e-5)
+    for name, p in net.named_parameters():
+        for store in (*si.ewc_data, *si.syn_data.values()):
+            assert store[name].data.shape == (p.numel(),)
+    # Row-major flattening: "4.weight" grew columns 16 -> 30; its old entries kept their place.
+    grown = si.syn_data["trajectory"]["4.weight"].data.view(10, 30)
+    torch.testing.assert_close(grown[:, :16], traj["4.weight"].view(10, 16))
+    assert grown[:, 16:].abs().sum() == 0
+
+
+@pytest.mark.skipif(not hasattr(GrowableNetwork, "deepen"), reason="deepen not in the engine yet")
+def test_si_gets_unpenalised_entries_for_deepened_layers(stream):
+    si = SynapticIntelligencePlugin(si_lambda=1.0)
+    net, opt, strategy = trained(si, stream, n=1)
+    _fill_si_state(si, net)
+    before = penalty(si, net, exp_counter=1)
+    rec = net.deepen("2", optimizer=opt)
+    new = [n for n, _ in net.named_parameters() if n.startswith("grown.")]
+    assert len(new) == 2 and all(n.startswith(rec.details["inserted"][0]) for n in new)
+    for n in new:
+        assert si.ewc_data[1][n].data.abs().sum() == 0
+        torch.testing.assert_close(si.ewc_data[0][n].data,
+                                   net.get_parameter(n).detach().flatten())
+    assert penalty(si, net, exp_counter=1) == pytest.approx(before, rel=1e-6)
+    with torch.no_grad():
+        net.get_parameter(new[0]).add_(1.0)  # the new layer is free to move
+    assert penalty(si, net, exp_counter=1) == pytest.approx(before, rel=1e-6)
+    strategy.train(stream.train_stream[1])  # SI knows every parameter: no KeyError
+
+
+def test_si_and_ewc_survive_mid_experience_growth(stream):
+    """SI would fail on the first iteration after growth (its flat tensors keep old shapes) and
+    EWC on a weight grown in two dimensions; both keep training and their penalties are equal
+    across each growth inside the experience."""
+    ewc = EWCPlugin(ewc_lambda=1.0)
+    si = SynapticIntelligencePlugin(si_lambda=1.0)
+    gaps = []
+
+    def check(record, changes):
+        gaps.append(record.layer)
+
+    net = mlp_net()
+    net.register_growth_hook(check)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    plugin = GrowthPlugin(OnPlateau(patience=3, min_delta=10.0, factor=1.5, max_growths=1))
+    equal = _PenaltyWitness(plugin, [ewc, si])
+    strategy = Naive(model=net, optimizer=opt, train_mb_size=8, evaluator=EvaluationPlugin(),
+                     plugins=[plugin, equal, ewc, si])
+    for exp in stream.train_stream[:3]:
+        strategy.train(exp)
+    assert gaps == ["0", "2"] * 3
+    assert net.width("0") == net.width("2") == 54
+    assert len(equal.pairs) == 2  # growth in experiences 1 and 2 (none before EWC has data)
+    for before, after in equal.pairs:
+        assert after == pytest.approx(before, rel=1e-5)
+        assert before[0] > 0
+
+
+class _PenaltyWitness(SupervisedPlugin):
+    """Placed after the GrowthPlugin: records the EWC and SI penalties, as the plugins compute
+    them, right before mid-experience growth (once the GrowthPlugin has queued it) and right
+    after it (the GrowthPlugin applies it first at the next iteration)."""
+
+    def __init__(self, growth: GrowthPlugin, regs) -> None:
+        super().__init__()
+        self.growth, self.regs, self.pairs, self._before = growth, regs, [], None
+
+    def _now(self, strategy):
+        n = strategy.clock.train_exp_counter
+        return tuple(penalty(r, strategy.model, exp_counter=n) for r in self.regs)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.growth._pending and strategy.clock.train_exp_counter > 0:
+            self._before = self._now(strategy)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if self._before is not None:
+            self.pairs.append((self._before, self._now(strategy)))
+            self._before = None

@@ -1,0 +1,291 @@
+"""GrowthPlugin inside Avalanche strategies on the class-incremental split-digits stream.
+
+Every run trains tiny MLPs for one epoch per experience and checks measured behaviour: the
+widths the policy asked for, accuracy on each experience right after training on it (chance is
+0.1 over ten classes), optimizer step counts, parameter budgets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.benchmarks import nc_benchmark
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import (
+    EvaluationPlugin,
+    EWCPlugin,
+    SupervisedPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.supervised import EWC, LwF, Naive, Replay, SynapticIntelligence
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from growth import GrowableNetwork, GrowthError
+from strategies import GrowthPlugin
+from strategies.plugin import check_optimizer
+from strategies.policies import EveryExperience, OnPlateau, Policy, Widen
+
+HIDDEN = 32
+
+
+def digits_stream(n_experiences: int = 5, seed: int = 0):
+    """Class-incremental split digits (two classes per experience), standardised features."""
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1.0)
+    y = torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+
+    def subset(idx: torch.Tensor) -> TensorDataset:
+        ds = TensorDataset(x[idx], y[idx])
+        ds.targets = y[idx].tolist()
+        return ds
+
+    return nc_benchmark(
+        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
+        task_labels=False, seed=seed, fixed_class_order=list(range(10)),
+    )
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return digits_stream()
+
+
+def mlp_net(hidden: int = HIDDEN) -> GrowableNetwork:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 10))
+    return GrowableNetwork(model, torch.zeros(4, 64))
+
+
+def sgd(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+
+def evaluator() -> EvaluationPlugin:
+    return EvaluationPlugin(accuracy_metrics(experience=True, stream=True))
+
+
+def run(strategy, stream, n: int = 5) -> list[float]:
+    """Train on the first ``n`` experiences; accuracy on each right after training on it."""
+    accs = []
+    for i, exp in enumerate(stream.train_stream[:n]):
+        strategy.train(exp)
+        res = strategy.eval([stream.test_stream[i]])
+        accs.append(res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"])
+    return accs
+
+
+STRATEGIES = {
+    "naive": (Naive, {}),
+    "replay": (Replay, {"mem_size": 200}),
+    "lwf": (LwF, {"alpha": 1.0, "temperature": 2.0}),
+    "ewc-separate": (EWC, {"ewc_lambda": 1.0}),
+    "ewc-online": (EWC, {"ewc_lambda": 1.0, "mode": "online", "decay_factor": 0.9}),
+    "si": (SynapticIntelligence, {"si_lambda": 1.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_class_incremental_run_grows_as_asked_and_learns(name, stream):
+    cls, kwargs = STRATEGIES[name]
+    net = mlp_net()
+    plugin = GrowthPlugin(EveryExperience(factor=1.5), generator=0)
+    strategy = cls(
+        model=net, optimizer=sgd(net), criterion=nn.CrossEntropyLoss(), train_mb_size=8,
+        eval_mb_size=512, plugins=[plugin], evaluator=evaluator(), **kwargs,
+    )
+    widths = []
+    accs = []
+    for i, exp in enumerate(stream.train_stream):
+        strategy.train(exp)
+        widths.append([net.width(n) for n in ("0", "2")])
+        res = strategy.eval([stream.test_stream[i]])
+        accs.append(res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"])
+    # EveryExperience: nothing before the first experience, then x1.5 before each one.
+    assert widths == [[32, 32], [48, 48], [72, 72], [108, 108], [162, 162]]
+    grown = [e for e in plugin.events if e.status == "grown"]
+    assert [(e.experience, e.layer) for e in grown] == [(i, n) for i in range(1, 5) for n in "02"]
+    assert all(e.max_abs_error is not None and e.max_abs_error < 1e-4 for e in grown)
+    assert net.num_parameters() == grown[-1].params_after
+    # Plasticity: the grown network learns each new pair of classes (chance: 0.1).
+    assert sum(accs) / len(accs) > 0.8, accs
+    if name == "replay":
+        final = strategy.eval(stream.test_stream)
+        assert final["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.6
+
+
+class _StateProbe(SupervisedPlugin):
+    """Records Adam's state at ``before_training_exp`` (after Avalanche rebuilt the optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots: list[dict[str, dict]] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        opt = strategy.optimizer
+        self.snapshots.append({
+            n: {k: v.clone() for k, v in opt.state[p].items()}
+            for n, p in strategy.model.named_parameters() if opt.state.get(p)
+        })
+
+
+def test_adam_state_is_carried_and_step_counts_keep_counting(stream):
+    net = mlp_net()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    probe = _StateProbe()
+    strategy = Naive(
+        model=net, optimizer=opt, train_mb_size=8, eval_mb_size=512, evaluator=evaluator(),
+        plugins=[GrowthPlugin(EveryExperience(factor=1.5), generator=0), probe],
+    )
+    strategy.train(stream.train_stream[0])
+    iters0 = strategy.clock.train_iterations
+    before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in net.named_parameters()}
+    strategy.train(stream.train_stream[1])
+    # Right after growth and Avalanche's optimizer rebuild: nothing was reset.
+    after = probe.snapshots[1]
+    assert set(after) == {n for n, _ in net.named_parameters()}
+    for n, p in net.named_parameters():
+        assert float(after[n]["step"]) == iters0, n
+        assert after[n]["exp_avg"].shape == p.shape
+    # A consumer's columns of the old units keep their moments exactly ("4" read 32 units).
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(after["4.weight"][key][:, :32], before["4.weight"][key])
+        assert after["4.weight"][key][:, 32:].abs().sum() > 0  # copies start from their source
+    for exp in stream.train_stream[2:4]:
+        strategy.train(exp)
+    total = strategy.clock.train_iterations
+    assert all(float(opt.state[p]["step"]) == total for p in net.parameters())
+    assert net.width("0") == 108
+    check_optimizer(opt, net)
+
+
+def test_optimizer_state_reset_restarts_only_grown_parameters(stream):
+    net = mlp_net()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    plugin = GrowthPlugin(EveryExperience(factor=1.5, layers=["2"]), optimizer_state="reset")
+    strategy = Naive(model=net, optimizer=opt, train_mb_size=8, evaluator=evaluator(),
+                     plugins=[plugin])
+    strategy.train(stream.train_stream[0])
+    iters0 = strategy.clock.train_iterations
+    strategy.train(stream.train_stream[1])
+    iters1 = strategy.clock.train_iterations - iters0
+    steps = {n: float(opt.state[p]["step"]) for n, p in net.named_parameters()}
+    # Widening "2" grows its rows and the columns of "4"; layer "0" is untouched.
+    assert steps == {"0.weight": iters0 + iters1, "0.bias": iters0 + iters1,
+                     "2.weight": iters1, "2.bias": iters1, "4.weight": iters1,
+                     "4.bias": iters0 + iters1}
+
+
+def test_mid_experience_growth_on_plateau(stream):
+    net = mlp_net()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    # min_delta far above any improvement: the loss "plateaus" after `patience` iterations.
+    policy = OnPlateau(patience=5, min_delta=10.0, factor=1.25, max_growths=2)
+    plugin = GrowthPlugin(policy, generator=0)
+    strategy = Naive(model=net, optimizer=opt, train_mb_size=4, evaluator=evaluator(),
+                     plugins=[plugin])
+    accs = run(strategy, stream, n=3)
+    grown = [e for e in plugin.events if e.status == "grown"]
+    assert {e.phase for e in grown} == {"mid_experience"}
+    # Two growths per experience, each of both hidden layers, after patience+1 iterations.
+    assert len(grown) == 3 * 2 * 2
+    assert net.width("0") == round(round(round(round(round(round(32 * 1.25) * 1.25) * 1.25)
+                                                       * 1.25) * 1.25) * 1.25)
+    first = grown[0]
+    assert first.experience == 0 and first.iteration == policy.patience + 1
+    total = strategy.clock.train_iterations
+    assert all(float(opt.state[p]["step"]) == total for p in net.parameters())
+    assert min(accs) > 0.8, accs
+
+
+def _mlp_params(h1: int, h2: int) -> int:
+    return 64 * h1 + h1 + h1 * h2 + h2 + h2 * 10 + 10
+
+
+def test_max_params_caps_then_skips_growth(stream):
+    net = mlp_net()
+    budget = _mlp_params(48, 40)  # room for layer "0" at 1.5x, not for layer "2"
+    plugin = GrowthPlugin(EveryExperience(factor=1.5), max_params=budget, generator=0)
+    strategy = Naive(model=net, optimizer=sgd(net), train_mb_size=8, evaluator=evaluator(),
+                     plugins=[plugin])
+    run(strategy, stream, n=3)
+    by_exp = [(e.experience, e.layer, e.status, e.new_width) for e in plugin.events]
+    assert by_exp[:2] == [(1, "0", "grown", 48), (1, "2", "capped", 40)]
+    assert [s for _, _, s, _ in by_exp[2:]] == ["skipped", "skipped"]
+    assert net.num_parameters() == _mlp_params(48, 40) <= budget
+    # "capped" means the largest width that fits.
+    assert _mlp_params(48, 41) > budget
+
+
+def test_plain_model_is_rejected_with_a_fix(stream):
+    model = nn.Sequential(nn.Linear(64, 10))
+    strategy = Naive(model=model, optimizer=sgd(model), evaluator=evaluator(),
+                     plugins=[GrowthPlugin(EveryExperience())])
+    with pytest.raises(TypeError, match="GrowableNetwork"):
+        strategy.train(stream.train_stream[0])
+
+
+class _WidenOutput(Policy):
+    def before_experience(self, strategy, net):
+        return [Widen("4", width=12)]  # the output layer: refused by the engine
+
+
+def test_refused_growth_is_recorded_or_raised(stream):
+    net = mlp_net()
+    plugin = GrowthPlugin(_WidenOutput())
+    strategy = Naive(model=net, optimizer=sgd(net), train_mb_size=8, evaluator=evaluator(),
+                     plugins=[plugin])
+    with pytest.warns(UserWarning, match="growth refused"):
+        strategy.train(stream.train_stream[0])
+    assert [e.status for e in plugin.events] == ["refused"]
+    assert net.width("4") == 10
+    strict = Naive(model=net, optimizer=sgd(net), evaluator=evaluator(),
+                   plugins=[GrowthPlugin(_WidenOutput(), on_refusal="raise")])
+    with pytest.raises(GrowthError, match="output"):
+        strict.train(stream.train_stream[0])
+
+
+@pytest.mark.skipif(not hasattr(GrowableNetwork, "deepen"), reason="deepen not in the engine yet")
+def test_deepen_every_experience_keeps_optimizer_state(stream):
+    net = mlp_net()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    plugin = GrowthPlugin(EveryExperience(factor=1.25, deepen=True), generator=0)
+    strategy = Naive(model=net, optimizer=opt, train_mb_size=4, evaluator=evaluator(),
+                     plugins=[plugin])
+    accs, starts = [], []
+    for i, exp in enumerate(stream.train_stream[:3]):
+        starts.append(strategy.clock.train_iterations)
+        strategy.train(exp)
+        accs.append(strategy.eval([stream.test_stream[i]])[
+            f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"])
+    deepened = [e for e in plugin.events if e.op == "deepen" and e.status == "grown"]
+    assert [e.experience for e in deepened] == [1, 2]
+    new = [n for n, _ in net.named_parameters() if n.startswith("grown.")]
+    assert len(new) == 4  # two identity Linear layers, weight and bias
+    total = strategy.clock.train_iterations
+    steps = {n: float(opt.state[p]["step"]) for n, p in net.named_parameters()}
+    assert steps["0.weight"] == total
+    # Each new layer's Adam state counts from the experience it was inserted before.
+    assert sorted(steps[n] for n in new) == [total - starts[2]] * 2 + [total - starts[1]] * 2
+    assert min(accs) > 0.8, accs
+
+
+def test_growth_follows_the_strategy_device(device, stream):
+    net = mlp_net()  # built on the CPU, trained on `device`
+    ewc, si = EWCPlugin(ewc_lambda=1.0), SynapticIntelligencePlugin(si_lambda=1.0)
+    strategy = Naive(
+        model=net, optimizer=sgd(net), train_mb_size=8, eval_mb_size=512, device=device,
+        evaluator=evaluator(), plugins=[GrowthPlugin(EveryExperience(1.5), generator=0), ewc, si],
+    )
+    accs = run(strategy, stream, n=3)
+    assert {p.device.type for p in net.parameters()} == {device.type}
+    assert net.width("0") == net.width("2") == 72
+    for e in (0, 1):
+        imp = ewc.importances[e]["2.weight"].data
+        assert imp.device.type == device.type and imp.shape == (72, 72)
+    assert si.ewc_data[1]["2.weight"].data.shape == (72 * 72,)
+    assert min(accs) > 0.8, accs
