@@ -102,6 +102,28 @@ def mlp(in_features: int, hidden: int, n_out: int) -> nn.Sequential:
     )
 
 
+class MultiHeadMLP(nn.Module):
+    """The same MLP trunk with one head per task (task-incremental streams)."""
+
+    def __init__(self, in_features: int, hidden: int) -> None:
+        from avalanche.models import MultiHeadClassifier
+
+        super().__init__()
+        self.features = mlp(in_features, hidden, hidden)[:-1]
+        self.classifier = MultiHeadClassifier(hidden, initial_out_features=2)
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x), task_labels)
+
+
+def make_model(in_features: int, hidden: int, n_out: int, *, task_aware: bool) -> nn.Module:
+    if task_aware:
+        import strategies  # noqa: F401  (registers the Avalanche head rules before tracing)
+
+        return MultiHeadMLP(in_features, hidden)
+    return mlp(in_features, hidden, n_out)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -109,11 +131,15 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: Any, device: str, mb_size: int = 512) -> list[float]:
     """Accuracy on each experience of ``stream``."""
+    from avalanche.models import MultiTaskModule
+    from avalanche.models.dynamic_modules import avalanche_model_adaptation
     from avalanche.models.utils import avalanche_forward
 
     model.eval()
     accs = []
     for exp in stream:
+        if isinstance(model, MultiTaskModule):  # a head for tasks not trained yet, as Avalanche
+            avalanche_model_adaptation(model, exp)
         correct = total = 0
         for x, y, t in DataLoader(exp.dataset, batch_size=mb_size):
             x, y, t = x.to(device), y.to(device), t.to(device)
@@ -159,16 +185,24 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
         model = PNN(num_layers=2, in_features=in_features, hidden_features_per_column=s.small)
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
         return PNNStrategy(model=model, optimizer=opt, **common), model
-    model: nn.Module = mlp(in_features, hidden, n_out)
+    task_aware = s.scenario == "task"
+    model = make_model(in_features, hidden, n_out, task_aware=task_aware)
+    if task_aware:  # Avalanche passes task labels only to a MultiTaskModule
+        from strategies import MultiTaskGrowableNetwork
+
+        example = (torch.zeros(2, *meta.input_shape), torch.zeros(2, dtype=torch.long))
+        model = MultiTaskGrowableNetwork(model, example)
     plugins = []
     if method.startswith("grow-"):
         from strategies import GrowthPlugin, growth_metrics
         from strategies.policies import EveryExperience
 
-        model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
+        if not task_aware:
+            model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
         growths = max(meta.n_experiences - 1, 1)
         factor = (s.large / s.small) ** (1 / growths)
-        budget = count_params(mlp(in_features, s.large, n_out))
+        # final-size budget: the large model (task heads are added as tasks arrive: no cap)
+        budget = None if task_aware else count_params(mlp(in_features, s.large, n_out))
         plugins.append(GrowthPlugin(EveryExperience(factor=factor), max_params=budget))
         if tb_dir is not None:
             from avalanche.logging import TensorboardLogger
