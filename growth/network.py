@@ -6,7 +6,8 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -152,9 +153,25 @@ class GrowableNetwork(nn.Module):
         self._growth_hooks[handle.id] = hook
         return handle
 
-    def _notify(self, record: GrowthRecord, changes: GrowthChanges) -> None:
+    @contextmanager
+    def _atomic(self) -> Iterator[Transaction]:
+        """All changes made through the yielded transaction are undone if the block raises."""
+        tx = Transaction()
+        try:
+            yield tx
+        except BaseException:
+            tx.rollback()
+            self._recompile()
+            self._run_probe()
+            raise
+
+    def _commit(self, record: GrowthRecord, changes: GrowthChanges) -> GrowthRecord:
+        """Record a finished operation and tell the growth hooks."""
+        self._analysis = None
+        self.history.append(record)
         for hook in list(self._growth_hooks.values()):
             hook(record, changes)
+        return record
 
     # --- structure -----------------------------------------------------------------------------
     def _adopt(self, model: nn.Module) -> None:
@@ -363,8 +380,7 @@ class GrowableNetwork(nn.Module):
             for pm in planned
             for t in pm.values
         }
-        tx = Transaction()
-        try:
+        with self._atomic() as tx:
             for pm in planned:
                 for tname, value in pm.values.items():
                     owner, leaf = resolve(pm.module, tname)
@@ -383,12 +399,6 @@ class GrowableNetwork(nn.Module):
                 err = None
             else:
                 err = self._check(tx, before, noise, name)
-        except BaseException:
-            tx.rollback()
-            self._recompile()
-            self._run_probe()
-            raise
-        self._analysis = None
         record = GrowthRecord(
             op="widen",
             layer=name,
@@ -405,7 +415,6 @@ class GrowableNetwork(nn.Module):
                 "coupled": [pm.name for pm in planned],
             },
         )
-        self.history.append(record)
         prefix = {id(m): n for n, m in self.named_modules()}
         changes = GrowthChanges(init=init)
         for pm in planned:
@@ -413,8 +422,7 @@ class GrowableNetwork(nn.Module):
                 full = f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
                 changes.tensors[full] = pm.update.tensors[tname].steps
                 changes.old_shapes[full] = old_shapes[(id(pm.module), tname)]
-        self._notify(record, changes)
-        return record
+        return self._commit(record, changes)
 
     # --- deepen --------------------------------------------------------------------------------
     def deepen(
@@ -501,8 +509,7 @@ class GrowableNetwork(nn.Module):
         before = self._reference_output() if verify else None
         params_before = self.num_parameters()
         old_graph = self._graph
-        tx = Transaction()
-        try:
+        with self._atomic() as tx:
             if grown is None:
                 grown = nn.Module()
                 grown.train(self.training)
@@ -517,12 +524,6 @@ class GrowableNetwork(nn.Module):
             self._graph = new_graph
             self._recompile()
             err = self._check(tx, before, 0.0, name)
-        except BaseException:
-            tx.rollback()
-            self._recompile()
-            self._run_probe()
-            raise
-        self._analysis = None
         inserted = [f"grown.{n}" for n, _ in new_modules]
         record = GrowthRecord(
             op="deepen",
@@ -539,10 +540,10 @@ class GrowableNetwork(nn.Module):
                 "activation": type(new_act).__name__ if new_act is not None else None,
             },
         )
-        self.history.append(record)
         names = {id(p): n for n, p in self.named_parameters()}
-        self._notify(record, GrowthChanges("identity", {}, [names[id(p)] for p in new_params]))
-        return record
+        return self._commit(
+            record, GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
+        )
 
     def _probe_value(self, node: fx.Node) -> Tensor:
         """The value ``node`` takes on the probe batch (eval mode)."""
