@@ -9,8 +9,7 @@ grouped and depthwise convolutions, nested modules and functional calls.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +27,6 @@ def gen(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models run many times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

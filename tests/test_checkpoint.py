@@ -29,15 +29,6 @@ from growth.rules import module_rule_for
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------
 # models (defined here only)
 # --------------------------------------------------------------------------------------------

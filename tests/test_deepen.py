@@ -47,16 +47,6 @@ from growth import (
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests run many tiny ops: one intra-op thread avoids the oversubscription that makes
-    them several times slower on a shared 2-core machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 IDEMPOTENT = {
     "ReLU": nn.ReLU,
     "ReLU6": nn.ReLU6,

@@ -33,16 +33,6 @@ import growth.optim as gopt
 from growth import FunctionNotPreservedError, GrowableNetwork, GrowthError
 from growth.transform import AxisStep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Many tiny ops: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------
 # optimizers, models, data
 # --------------------------------------------------------------------------------------------

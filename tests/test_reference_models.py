@@ -19,27 +19,13 @@ from _models import (
     module_param_count,
     outputs,
     randomize_batchnorm,
-    single_thread,
 )
 from torchvision.models import DenseNet
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from growth import GrowableNetwork, GrowthError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def strict_float32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("strict_float32")  # conftest.py: no TF32
 
 
 # name: (factory, layers to widen with their coupled expectations: layer -> layers that must

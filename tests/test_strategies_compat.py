@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
+from _avalanche import digits_stream, mlp_net
 from avalanche.training.plugins import (
     EvaluationPlugin,
     EWCPlugin,
@@ -17,32 +17,14 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 from avalanche.training.supervised import Naive
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from growth import GrowableNetwork
 from strategies import GrowthPlugin
 from strategies.compat import OutOfSyncError, penalty, remap_ewc, remap_importance, remap_value
 from strategies.policies import OnPlateau, Policy
 
-
-def digits_stream(n_experiences: int = 5, seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1.0)
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-
-    def subset(idx: torch.Tensor) -> TensorDataset:
-        ds = TensorDataset(x[idx], y[idx])
-        ds.targets = y[idx].tolist()
-        return ds
-
-    return nc_benchmark(
-        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
-        task_labels=False, seed=seed, fixed_class_order=list(range(10)),
-    )
+HIDDEN = 16
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +32,9 @@ def stream():
     return digits_stream()
 
 
-def mlp_net() -> GrowableNetwork:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Linear(16, 10))
-    return GrowableNetwork(model, torch.zeros(4, 64))
-
-
 def trained(regulariser, stream, n: int = 2, policy=None):
     """A network trained on ``n`` experiences by Naive + ``regulariser`` + a GrowthPlugin."""
-    net = mlp_net()
+    net = mlp_net(HIDDEN)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     plugin = GrowthPlugin(policy or Policy(), generator=0)
     strategy = Naive(model=net, optimizer=opt, train_mb_size=8, evaluator=EvaluationPlugin(),
@@ -143,7 +118,7 @@ def test_remaps_match_the_derivation():
 def test_state_that_missed_a_growth_is_reported_not_misaligned(stream):
     ewc = EWCPlugin(ewc_lambda=1.0)
     trained(ewc, stream, n=1)  # anchors and importances of a 16-unit layer "0"
-    other = mlp_net()
+    other = mlp_net(HIDDEN)
     changes = []
     other.register_growth_hook(lambda rec, ch: changes.append(ch))
     other.widen("0", 20)
@@ -212,7 +187,7 @@ def test_si_and_ewc_survive_mid_experience_growth(stream):
     def check(record, changes):
         gaps.append(record.layer)
 
-    net = mlp_net()
+    net = mlp_net(HIDDEN)
     net.register_growth_hook(check)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     plugin = GrowthPlugin(OnPlateau(patience=3, min_delta=10.0, factor=1.5, max_growths=1))

@@ -4,49 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
+from _avalanche import digits_stream, mlp_net
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.logging import TensorboardLogger
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
-from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
-from torch.utils.data import TensorDataset
 
-from growth import GrowableNetwork
 from strategies import GrowthPlugin, growth_metrics
 from strategies.policies import EveryExperience, OnPlateau
-
-
-def digits_stream(n_experiences: int = 5, seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1.0)
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-
-    def subset(idx: torch.Tensor) -> TensorDataset:
-        ds = TensorDataset(x[idx], y[idx])
-        ds.targets = y[idx].tolist()
-        return ds
-
-    return nc_benchmark(
-        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
-        task_labels=False, seed=seed, fixed_class_order=list(range(10)),
-    )
 
 
 @pytest.fixture(scope="module")
 def stream():
     return digits_stream()
-
-
-def mlp_net() -> GrowableNetwork:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, 10))
-    return GrowableNetwork(model, torch.zeros(4, 64))
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -5,65 +5,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
+from _avalanche import STRATEGIES, digits_stream, mh_net
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.models import MultiHeadClassifier
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.models.utils import avalanche_forward, is_multi_task_module
 from avalanche.training.plugins import EvaluationPlugin
-from avalanche.training.supervised import EWC, LwF, Naive, Replay, SynapticIntelligence
-from sklearn.datasets import load_digits
+from avalanche.training.supervised import EWC
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from growth import GrowableNetwork
-from strategies import HEAD_RULES, GrowthPlugin, MultiTaskGrowableNetwork
+from strategies import HEAD_RULES, GrowthPlugin
 from strategies.policies import EveryExperience
-
-
-def digits_stream(n_experiences: int = 5, seed: int = 0):
-    """Task-incremental split digits: task i holds digits 2i and 2i+1 as classes 0 and 1."""
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1.0)
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-
-    def subset(idx: torch.Tensor) -> TensorDataset:
-        ds = TensorDataset(x[idx], y[idx])
-        ds.targets = y[idx].tolist()
-        return ds
-
-    return nc_benchmark(
-        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences, task_labels=True,
-        seed=seed, fixed_class_order=list(range(10)), class_ids_from_zero_in_each_exp=True,
-    )
 
 
 @pytest.fixture(scope="module")
 def stream():
-    return digits_stream()
-
-
-class MHModel(nn.Module):
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                      nn.ReLU())
-        self.head = MultiHeadClassifier(hidden, initial_out_features=2)
-
-    def forward(self, x, task_labels):
-        return self.head(self.features(x), task_labels)
-
-
-def mh_net() -> MultiTaskGrowableNetwork:
-    torch.manual_seed(0)
-    example = (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))
-    return MultiTaskGrowableNetwork(MHModel(), example, leaf_modules=[MultiHeadClassifier])
+    return digits_stream(task_labels=True)
 
 
 def test_avalanche_passes_task_labels_to_the_network(stream):
-    net = mh_net()
+    net = mh_net(leaf_modules=[MultiHeadClassifier])
     assert is_multi_task_module(net)
     for exp in stream.train_stream[:2]:
         avalanche_model_adaptation(net, exp)
@@ -76,20 +38,10 @@ def test_avalanche_passes_task_labels_to_the_network(stream):
     torch.testing.assert_close(per_task[0], out)
 
 
-STRATEGIES = {
-    "naive": (Naive, {}),
-    "replay": (Replay, {"mem_size": 200}),
-    "lwf": (LwF, {"alpha": 1.0, "temperature": 2.0}),
-    "ewc-separate": (EWC, {"ewc_lambda": 1.0}),
-    "ewc-online": (EWC, {"ewc_lambda": 1.0, "mode": "online", "decay_factor": 0.9}),
-    "si": (SynapticIntelligence, {"si_lambda": 1.0}),
-}
-
-
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_task_incremental_run_grows_and_learns(name, stream):
     cls, kwargs = STRATEGIES[name]
-    net = mh_net()
+    net = mh_net(leaf_modules=[MultiHeadClassifier])
     growable = list(net.layers)
     # With the head rules the layer feeding the heads grows too; without, it is held fixed.
     assert growable == (["features.0", "features.2"] if HEAD_RULES else ["features.0"])
@@ -117,7 +69,7 @@ def test_task_incremental_run_grows_and_learns(name, stream):
 def test_online_ewc_with_deepened_layers_and_new_heads(stream):
     """New task heads land before deepened layers in the parameter order; online EWC merges
     importances by position, so the plugin re-aligns them (Avalanche alone asserts)."""
-    net = mh_net()
+    net = mh_net(leaf_modules=[MultiHeadClassifier])
     strategy = EWC(
         model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
         criterion=nn.CrossEntropyLoss(), ewc_lambda=1.0, mode="online", decay_factor=0.9,

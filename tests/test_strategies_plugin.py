@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
+from _avalanche import STRATEGIES, digits_stream, mlp_net
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import (
     EvaluationPlugin,
@@ -17,48 +17,18 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
-from avalanche.training.supervised import EWC, LwF, Naive, Replay, SynapticIntelligence
-from sklearn.datasets import load_digits
+from avalanche.training.supervised import Naive
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from growth import GrowableNetwork, GrowthError
 from strategies import GrowthPlugin
 from strategies.plugin import check_optimizer
 from strategies.policies import EveryExperience, OnPlateau, Policy, Widen
 
-HIDDEN = 32
-
-
-def digits_stream(n_experiences: int = 5, seed: int = 0):
-    """Class-incremental split digits (two classes per experience), standardised features."""
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1.0)
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-
-    def subset(idx: torch.Tensor) -> TensorDataset:
-        ds = TensorDataset(x[idx], y[idx])
-        ds.targets = y[idx].tolist()
-        return ds
-
-    return nc_benchmark(
-        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
-        task_labels=False, seed=seed, fixed_class_order=list(range(10)),
-    )
-
 
 @pytest.fixture(scope="module")
 def stream():
     return digits_stream()
-
-
-def mlp_net(hidden: int = HIDDEN) -> GrowableNetwork:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                          nn.Linear(hidden, 10))
-    return GrowableNetwork(model, torch.zeros(4, 64))
 
 
 def sgd(net: nn.Module) -> torch.optim.Optimizer:
@@ -77,16 +47,6 @@ def run(strategy, stream, n: int = 5) -> list[float]:
         res = strategy.eval([stream.test_stream[i]])
         accs.append(res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"])
     return accs
-
-
-STRATEGIES = {
-    "naive": (Naive, {}),
-    "replay": (Replay, {"mem_size": 200}),
-    "lwf": (LwF, {"alpha": 1.0, "temperature": 2.0}),
-    "ewc-separate": (EWC, {"ewc_lambda": 1.0}),
-    "ewc-online": (EWC, {"ewc_lambda": 1.0, "mode": "online", "decay_factor": 0.9}),
-    "si": (SynapticIntelligence, {"si_lambda": 1.0}),
-}
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

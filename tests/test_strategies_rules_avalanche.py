@@ -10,42 +10,21 @@ import warnings
 
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
+from _avalanche import digits_stream, mh_net
 from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+from avalanche.models import IncrementalClassifier
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from growth import GrowableNetwork, GrowthError
-from strategies import HEAD_RULES, GrowthPlugin, MultiTaskGrowableNetwork
+from strategies import HEAD_RULES, GrowthPlugin
 from strategies.policies import EveryExperience
 from strategies.rules_avalanche import check_heads
 
 needs_rules = pytest.mark.skipif(not HEAD_RULES, reason="engine cannot update submodule tensors")
 without_rules = pytest.mark.skipif(HEAD_RULES, reason="head rules are registered")
-
-
-def digits_stream(n_experiences: int = 5, *, task_labels: bool = False, seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1.0)
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-
-    def subset(idx: torch.Tensor) -> TensorDataset:
-        ds = TensorDataset(x[idx], y[idx])
-        ds.targets = y[idx].tolist()
-        return ds
-
-    return nc_benchmark(
-        subset(perm[:1400]), subset(perm[1400:]), n_experiences=n_experiences,
-        task_labels=task_labels, seed=seed, fixed_class_order=list(range(10)),
-        class_ids_from_zero_in_each_exp=task_labels,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +48,9 @@ class ICModel(nn.Module):
         return self.head(self.features(x))
 
 
-class MHModel(nn.Module):
-    def __init__(self, hidden: int = 16) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                      nn.ReLU())
-        self.head = MultiHeadClassifier(hidden, initial_out_features=2)
-
-    def forward(self, x, task_labels):
-        return self.head(self.features(x), task_labels)
-
-
 def ic_net(**kwargs) -> GrowableNetwork:
     torch.manual_seed(0)
     return GrowableNetwork(ICModel(), torch.randn(8, 64), **kwargs)
-
-
-def mh_net() -> MultiTaskGrowableNetwork:
-    torch.manual_seed(0)
-    example = (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))
-    return MultiTaskGrowableNetwork(MHModel(), example)
 
 
 @without_rules
@@ -144,7 +106,7 @@ def test_incremental_classifier_input_grows_and_it_keeps_adapting(class_stream):
 
 @needs_rules
 def test_multihead_classifier_input_grows_for_every_head(task_stream):
-    net = mh_net()
+    net = mh_net(hidden=16)
     for exp in task_stream.train_stream[:2]:
         avalanche_model_adaptation(net, exp)
     head = net.get_submodule("head")

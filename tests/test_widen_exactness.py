@@ -30,7 +30,6 @@ from _models import (
     outputs,
     randomize_batchnorm,
     rel_error,
-    single_thread,
     snapshot,
     widen_checked,
 )
@@ -38,21 +37,7 @@ from torch import Tensor, nn
 
 from growth import GrowableNetwork, GrowthRecord
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def strict_float32():
-    """The criterion is stated for float32: keep CUDA from using TF32 in matmuls and convs."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("strict_float32")  # conftest.py: no TF32
 
 
 def grow(model: nn.Module, shape: tuple[int, ...], device: torch.device, seed: int = 0):

@@ -12,7 +12,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import pytest
 import torch
 import torch.nn.functional as F
 from _models import (
@@ -25,7 +24,6 @@ from _models import (
     module_param_count,
     outputs,
     randomize_batchnorm,
-    single_thread,
     snapshot,
 )
 from hypothesis import event, given, note
@@ -33,13 +31,6 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from growth import GrowableNetwork, GrowthError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
 
 ACTS = {
     "relu": F.relu,

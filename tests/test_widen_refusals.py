@@ -18,7 +18,6 @@ from _models import (
     mlp,
     outputs,
     randomize_batchnorm,
-    single_thread,
     snapshot,
 )
 from torch import Tensor, nn
@@ -34,12 +33,6 @@ from growth import (
     UnsupportedLayerError,
 )
 from growth.mapping import UnitMapping
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 class Frozen:
