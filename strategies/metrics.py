@@ -89,7 +89,7 @@ class LayerWidths(_GrowthMetric):
     """``Growth/width/<layer>`` for every growable layer."""
 
     def _values(self, strategy, events):  # type: ignore[override]
-        net = strategy.model
+        net = getattr(strategy.model, "module", strategy.model)  # a DDP wrapper's network
         if not isinstance(net, GrowableNetwork):
             return []
         x = _now(strategy)

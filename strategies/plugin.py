@@ -13,6 +13,16 @@ Where growth happens in Avalanche 0.6's callback order (``BaseSGDTemplate._befor
 
 EWC/SI state follows every growth of the model through the engine's growth hook
 (:mod:`strategies.compat`), also when user code grows the network itself.
+
+Distributed training (``torch.distributed``): Avalanche 0.6 never wraps the model itself. Its
+distributed support is ``DistributedHelper`` (process group, seeds), ``DistributedSampler`` in
+the strategy's data loaders, main-process-only loggers and the ``supports_distributed`` plugin
+check; gradients are synchronised only when the user gives the strategy a
+``DistributedDataParallel`` wrapper, e.g. ``Naive(model=DistributedHelper.wrap_model(net),
+...)``, and ``strategy.model`` is then that wrapper. The plugin grows its ``module`` on every rank
+alike (see :class:`GrowthPlugin`). Import ``avalanche.training`` before initialising the process
+group: the import builds an ``InteractiveLogger``, which Avalanche refuses to create on a
+non-main rank once ``torch.distributed`` is initialised.
 """
 
 from __future__ import annotations
@@ -25,16 +35,88 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from growth import GrowableNetwork, GrowthError, GrowthRecord
+from growth.distributed import _control_device, check_replicas, grow_ddp, shared_generator
 
 from . import compat
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads
 
 OPTIMIZER_STATES = ("carry", "reset")
+
+_SEED_HIGH = 2**63 - 1  # seeds of shared generators are drawn in [0, 2**63 - 1)
+
+
+class ReplicaGrowthError(GrowthError):
+    """Distributed growth failed on some ranks only, or left the replicas different: never a
+    refusal (``on_refusal`` does not apply); the DistributedDataParallel wrapper was retired."""
+
+
+@dataclass(frozen=True)
+class _Replicas:
+    """How the strategy's model is replicated: the process group that grows together, and the
+    DistributedDataParallel wrapper (None when each rank holds a bare GrowableNetwork)."""
+
+    group: Any
+    ddp: DistributedDataParallel | None
+
+
+def replicas_of(model: Any) -> _Replicas | None:
+    """The replication of ``model`` under ``torch.distributed``; None on a single process.
+
+    Distributed means: ``model`` is a ``DistributedDataParallel`` wrapper (its process group
+    grows together, even of size 1), or a process group of more than one rank is initialised.
+    """
+    if isinstance(model, DistributedDataParallel):
+        return _Replicas(model.process_group, model)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _Replicas(None, None)
+    return None
+
+
+def _group_rank0(group: Any) -> int:
+    """Global rank of the first rank of ``group``."""
+    if group is None or group is dist.GroupMember.WORLD:
+        return 0
+    return dist.get_global_rank(group, 0)
+
+
+def global_mean(value: Any, group: Any = None) -> torch.Tensor:
+    """Mean of ``value`` (a scalar tensor or number) over the ranks of ``group``, the same on
+    every rank, shaped and typed like ``value``. A collective call."""
+    local = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
+    flat = local.to(_control_device(group), torch.float64, copy=True)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    return flat.to(local.device, local.dtype)
+
+
+def agree_actions(actions: Sequence[GrowthAction], group: Any = None) -> list[GrowthAction]:
+    """Rank 0's ``actions`` on every rank of ``group`` (a collective call: one 8-byte broadcast,
+    plus an object broadcast when rank 0 has actions)."""
+    src = _group_rank0(group)
+    count = torch.tensor([len(actions)], dtype=torch.int64, device=_control_device(group))
+    dist.broadcast(count, src=src, group=group)
+    if int(count.item()) == 0:
+        return []
+    box: list[Any] = [list(actions)]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return list(box[0])
+
+
+def _prefixed(changes: Any, prefix: str) -> Any:
+    """``changes`` (a ``GrowthChanges``) with ``prefix`` on every name (DDP's ``module.``)."""
+    out = copy.copy(changes)
+    out.tensors = {prefix + k: v for k, v in changes.tensors.items()}
+    out.new_parameters = [prefix + k for k in changes.new_parameters]
+    if hasattr(changes, "old_shapes"):
+        out.old_shapes = {prefix + k: v for k, v in changes.old_shapes.items()}
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,6 +164,8 @@ class _RegularizerSync:
         if strategy is None:
             return
         start = time.perf_counter()
+        if isinstance(strategy.model, DistributedDataParallel):
+            changes = _prefixed(changes, "module.")  # the plugins saw the wrapper's names
         compat.remap_regularizers(strategy.plugins, strategy.model, changes)
         if not self.plugin.busy:  # growth by user code: the plugin's own is timed whole
             self.plugin.growth_seconds += time.perf_counter() - start
@@ -93,8 +177,35 @@ class _RegularizerSync:
         return (_NoOpHook, ())
 
 
-class GrowthPlugin(SupervisedPlugin):
+class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
     """Grow ``strategy.model`` (a :class:`~growth.GrowableNetwork`) as ``policy`` decides.
+
+    Under ``torch.distributed`` (``strategy.model`` is a ``DistributedDataParallel`` wrapper of a
+    ``GrowableNetwork``, or a process group of more than one rank is initialised), every rank
+    grows its replica alike:
+
+    - decisions: the policy sees the loss averaged over the ranks (``strategy.loss`` is an
+      all-reduced copy while ``after_iteration`` runs), and rank 0's actions are applied on
+      every rank (broadcast), whatever other rank-local state a policy reads;
+    - randomness: each growth phase draws its generator with
+      :func:`growth.distributed.shared_generator` (rank 0's seed; from ``generator`` when one
+      is given, so runs repeat);
+    - a wrapped model grows through :func:`growth.distributed.grow_ddp` and the new wrapper is
+      put back into ``strategy.model``; bare replicas grow in place and are then compared with
+      :func:`growth.distributed.check_replicas`. Replicas left different (or a growth that
+      failed on some ranks only) raise :class:`ReplicaGrowthError` on every rank.
+
+    Every rank must run the plugin (same policy, same options, a ``GrowableNetwork`` built with
+    the same ``example_inputs``) and the same number of training iterations: the plugin makes
+    collective calls at every iteration (two small ones) and every growth phase. Avalanche 0.6
+    does not wrap the model in DDP itself: give the strategy ``DistributedHelper.wrap_model(net)``
+    (or your own ``DistributedDataParallel(net)``) and an optimizer over ``net.parameters()``.
+    Bare replicas are for training synchronised by other means; they are also compared before
+    growth, so replicas that trained apart are refused with a ``ReplicaGrowthError``.
+    Limitations: tested with ``Naive`` (Gloo, CPU); ``growth_metrics()``' per-layer widths read
+    ``strategy.model`` and report nothing under a wrapper (parameter counts and events still
+    work); EWC/SI state is remapped under the wrapper's ``module.`` names, but their
+    importances stay rank-local as in Avalanche (which marks them not distributed-ready).
 
     Parameters
     ----------
@@ -147,6 +258,7 @@ class GrowthPlugin(SupervisedPlugin):
         self._pending: list[GrowthAction] = []
         self._hooked: GrowableNetwork | None = None
         self._handle: Any = None
+        self._phase_generator: torch.Generator | None = None  # shared one, distributed only
 
     # --- Avalanche callbacks -------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -169,6 +281,9 @@ class GrowthPlugin(SupervisedPlugin):
         net = self.network(strategy)
         actions = [*self._pending, *self.policy.before_experience(strategy, net)]
         self._pending = []
+        replicas = replicas_of(strategy.model)
+        if replicas is not None:
+            actions = agree_actions(actions, replicas.group)
         self._apply(strategy, net, actions, "before_experience")
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -176,7 +291,17 @@ class GrowthPlugin(SupervisedPlugin):
         compat.align_regularizers(strategy.plugins, strategy.model)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self._pending.extend(self.policy.after_iteration(strategy, self.network(strategy)))
+        replicas = replicas_of(strategy.model)
+        if replicas is None:
+            self._pending.extend(self.policy.after_iteration(strategy, self.network(strategy)))
+            return
+        local_loss = strategy.loss
+        strategy.loss = global_mean(local_loss, replicas.group)
+        try:
+            actions = list(self.policy.after_iteration(strategy, self.network(strategy)))
+        finally:
+            strategy.loss = local_loss
+        self._pending.extend(agree_actions(actions, replicas.group))
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         if not self._pending:
@@ -189,8 +314,12 @@ class GrowthPlugin(SupervisedPlugin):
     # --- growth --------------------------------------------------------------------------------
     @staticmethod
     def network(strategy: Any) -> GrowableNetwork:
-        """``strategy.model``, checked to be a ``GrowableNetwork``."""
-        return require_growable(strategy.model)
+        """``strategy.model`` (the ``module`` of a ``DistributedDataParallel`` wrapper), checked
+        to be a ``GrowableNetwork``."""
+        model = strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        return require_growable(model)
 
     def _apply(
         self, strategy: Any, net: GrowableNetwork, actions: Sequence[GrowthAction], phase: str
@@ -201,18 +330,84 @@ class GrowthPlugin(SupervisedPlugin):
         device = torch.device(strategy.device)
         if any(p.device != device for p in net.parameters()):
             net.to(device)
+        replicas = replicas_of(strategy.model)
+        bare = replicas if replicas is not None and replicas.ddp is None else None
+        if replicas is not None:  # actions agreed: every rank gets here, at the same point
+            self._phase_generator = self._shared_generator(replicas.group)
+        if bare is not None:
+            self._check_replicas(net, bare, f"before growth ({phase})")
         changed = False
-        for action in actions:
-            start = time.perf_counter()
-            self.busy = True
-            try:
-                event = self._grow(strategy, net, action, phase)
-            finally:
-                self.busy = False
-            self.growth_seconds += time.perf_counter() - start
-            self.events.append(event)
-            changed |= event.status in ("grown", "capped")
+        try:
+            for action in actions:
+                start = time.perf_counter()
+                self.busy = True
+                try:
+                    event = self._grow(strategy, net, action, phase)
+                finally:
+                    self.busy = False
+                self.growth_seconds += time.perf_counter() - start
+                self.events.append(event)
+                changed |= event.status in ("grown", "capped")
+        finally:
+            self._phase_generator = None
+        if bare is not None:
+            self._check_replicas(net, bare, f"after growth ({phase})")
         return changed
+
+    def _check_replicas(self, net: GrowableNetwork, replicas: _Replicas, when: str) -> None:
+        """``check_replicas`` of bare replicas (no DDP wrapper), a collective call."""
+        start = time.perf_counter()
+        try:
+            check_replicas(net, replicas.group, context=when)
+        except GrowthError as exc:
+            hint = ""
+            if when.startswith("before"):
+                hint = (
+                    " (before growth: the ranks trained apart; give the strategy a "
+                    "DistributedDataParallel wrapper, e.g. DistributedHelper.wrap_model(net), "
+                    "or synchronise the gradients yourself)"
+                )
+            raise ReplicaGrowthError(f"{exc}{hint}") from exc
+        self.growth_seconds += time.perf_counter() - start
+
+    def _shared_generator(self, group: Any) -> torch.Generator:
+        """A generator seeded alike on every rank of ``group`` (a collective call): rank 0's
+        seed, drawn from ``self.generator`` when there is one (same seed, same run)."""
+        seed = None
+        if self.generator is not None:
+            g = self.generator
+            seed = int(torch.randint(0, _SEED_HIGH, (1,), generator=g, device=g.device))
+        return shared_generator(seed, group)
+
+    def _run(
+        self,
+        strategy: Any,
+        net: GrowableNetwork,
+        op: Any,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> GrowthRecord:
+        """``op(net)``; through ``grow_ddp`` (the new wrapper put into ``strategy.model``) when
+        the strategy's model is a ``DistributedDataParallel`` wrapper."""
+        ddp = strategy.model
+        if not isinstance(ddp, DistributedDataParallel):
+            return op(net)
+        local: list[BaseException] = []
+
+        def guarded(n: GrowableNetwork) -> GrowthRecord:
+            try:
+                return op(n)
+            except Exception as exc:
+                local.append(exc)
+                raise
+
+        try:
+            new_ddp, rec = grow_ddp(ddp, guarded, optimizer=optimizer)
+        except GrowthError as exc:
+            if local and exc is local[0]:
+                raise  # refused on every rank, nothing changed: a refusal like on one process
+            raise ReplicaGrowthError(str(exc)) from exc
+        strategy.model = new_ddp
+        return rec
 
     def _event(
         self, strategy: Any, net: GrowableNetwork, action: GrowthAction, phase: str, **fields: Any
@@ -244,6 +439,8 @@ class GrowthPlugin(SupervisedPlugin):
         self, strategy: Any, net: GrowableNetwork, action: GrowthAction, phase: str
     ) -> GrowthEvent:
         optimizer = strategy.optimizer if self.optimizer_state == "carry" else None
+        shared = self._phase_generator
+        generator = shared if shared is not None else self.generator
         shapes = {id(p): p.shape for p in net.parameters()}
         try:
             if isinstance(action, Widen):
@@ -268,14 +465,19 @@ class GrowthPlugin(SupervisedPlugin):
                         requested_width=asked,
                         reason=f"max_params={self.max_params} leaves no room",
                     )
-                rec = net.widen(
-                    action.layer,
-                    width,
-                    init=action.init,
-                    split=action.split,
-                    noise=action.noise,
-                    generator=self.generator,
-                    optimizer=optimizer,
+                rec = self._run(
+                    strategy,
+                    net,
+                    lambda n: n.widen(
+                        action.layer,
+                        width,
+                        init=action.init,
+                        split=action.split,
+                        noise=action.noise,
+                        generator=generator,
+                        optimizer=optimizer,
+                    ),
+                    optimizer,
                 )
                 status = "grown" if width == asked else "capped"
             elif isinstance(action, Deepen):
@@ -289,10 +491,17 @@ class GrowthPlugin(SupervisedPlugin):
                         phase,
                         reason=f"max_params={self.max_params} leaves no room",
                     )
-                rec = net.deepen(action.layer, kind=action.kind, optimizer=optimizer)
+                rec = self._run(
+                    strategy,
+                    net,
+                    lambda n: n.deepen(action.layer, kind=action.kind, optimizer=optimizer),
+                    optimizer,
+                )
                 status = "grown"
             else:
                 raise TypeError(f"unknown growth action {action!r}")
+        except ReplicaGrowthError:
+            raise
         except GrowthError as exc:
             if self.on_refusal == "raise":
                 raise
