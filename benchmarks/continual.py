@@ -275,6 +275,18 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _without_avalanche_deprecations(show: Callable) -> Callable:
+    """Avalanche 0.6 re-enables its DeprecationWarnings on every call (ReplayPlugin's storage
+    policy prints one per experience): drop those from the output, show everything else."""
+
+    def quiet(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and "avalanche" in str(filename):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    return quiet
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every requested method over the seeds; print, write and plot the comparison."""
     from benchmarks._report import (
@@ -287,8 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.data import make_stream
 
     args = _defaults(args)
-    warnings.simplefilter("ignore", DeprecationWarning)  # Avalanche 0.6 deprecation notes
     warnings.filterwarnings("ignore", message="No loggers specified")
+    warnings.showwarning = _without_avalanche_deprecations(warnings.showwarning)
     seeds = list(range(args.seeds)) if isinstance(args.seeds, int) else list(args.seeds)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
