@@ -33,7 +33,13 @@ from .rules import module_rule_for
 from .tracing import FUNCTIONAL_CONTAINER, ShapeRecorder, trace_both_modes
 from .transaction import Transaction
 from .transform import INITS
-from .verify import DEFAULT_TOLERANCE, allowed_error, eval_mode, output_difference
+from .verify import (
+    DEFAULT_TOLERANCE,
+    allowed_error,
+    eval_mode,
+    exact_float32,
+    output_difference,
+)
 from .widen import compute_values, plan_updates, resolve
 
 _PROBE_PREFIX = "_probe_"
@@ -227,7 +233,7 @@ class GrowableNetwork(nn.Module):
 
     def _run_probe(self) -> Any:
         """Forward the probe in eval mode, recording every node's shape; returns the output."""
-        with torch.no_grad(), eval_mode(self):
+        with torch.no_grad(), eval_mode(self), exact_float32():
             return ShapeRecorder(self, graph=self._graph).run(*self.probe)
 
     @property
@@ -556,7 +562,7 @@ class GrowableNetwork(nn.Module):
                     captured["value"] = result
                 return result
 
-        with torch.no_grad(), eval_mode(self):
+        with torch.no_grad(), eval_mode(self), exact_float32():
             _Capture(self, graph=self._graph).run(*self.probe)
         return captured["value"]
 
@@ -581,7 +587,7 @@ class GrowableNetwork(nn.Module):
 
     # --- verification --------------------------------------------------------------------------
     def _reference_output(self) -> Any:
-        with torch.no_grad(), eval_mode(self):
+        with torch.no_grad(), eval_mode(self), exact_float32():
             return self(*self.probe)
 
     def _grow_recorded_shapes(self, group: int, new_units: int) -> None:

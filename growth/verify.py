@@ -38,6 +38,23 @@ class eval_mode:
             m.training = mode
 
 
+class exact_float32:
+    """Context manager: CUDA convolutions and matmuls in true float32 (no TF32) while verifying.
+
+    cuDNN convolutions use TF32 by default on Ampere and newer GPUs, which rounds inputs to
+    10-bit mantissas: enough to move outputs by ~1e-3 and fail a 1e-5 comparison. The flags
+    are restored on exit; on the CPU they have no effect.
+    """
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 def output_difference(before: Any, after: Any) -> tuple[float, float]:
     """``(max |after - before|, max |before|)`` over all output tensors, in float64."""
     err, scale = 0.0, 0.0
