@@ -24,10 +24,7 @@ with torch's 30 min default); everything after it is Avalanche's own distributed
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _launch import launch
 
 WORLD = 2
 JOB_TIMEOUT_S = 50  # hang guard of the whole job (about 15 s normally)
@@ -242,62 +240,17 @@ def _worker_main(out_dir: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _launch(out_dir: Path) -> list[dict[str, Any]]:
-    """Run the job on ``WORLD`` local processes; fail (never hang) after ``JOB_TIMEOUT_S``."""
-    repo = Path(__file__).resolve().parents[1]
-    for attempt in range(2):  # a second try if another process took the port meanwhile
-        port = _free_port()
-        procs, logs = [], []
-        for rank in range(WORLD):
-            env = dict(
-                os.environ,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(WORLD),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-            )
-            log = open(out_dir / f"rank{rank}.log", "w+")  # noqa: SIM115 (closed below)
-            logs.append(log)
-            cmd = [sys.executable, __file__, str(out_dir)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        try:
-            for p in procs:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        hung = [r for r, p in enumerate(procs) if p.poll() is None]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        texts = []
-        for log in logs:
-            log.seek(0)
-            texts.append(log.read())
-            log.close()
-        if all(p.returncode == 0 for p in procs):
-            return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
-        if attempt == 0 and any("address already in use" in t.lower() for t in texts):
-            continue
-        tails = "\n".join(f"--- rank {r} ---\n{t[-3000:]}" for r, t in enumerate(texts))
-        what = f"ranks {hung} hung past {JOB_TIMEOUT_S} s" if hung else "a rank failed"
-        pytest.fail(f"two-process Avalanche job: {what}\n{tails}")
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _launch(tmp_path_factory.mktemp("avalanche_ddp"))
+    out_dir = tmp_path_factory.mktemp("avalanche_ddp")
+    return launch(
+        __file__,
+        [str(out_dir)],
+        out_dir,
+        world=WORLD,
+        timeout_s=JOB_TIMEOUT_S,
+        label="two-process Avalanche job",
+    )
 
 
 def _assert_same_states(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
