@@ -9,7 +9,6 @@ widening it is refused with the reason recorded here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +16,6 @@ from torch import fx, nn
 
 from .errors import REGISTER_HINT, UnsupportedLayerError
 from .layout import Layout, Segment, SpaceTable
-
-
-def tensor_args(node: fx.Node) -> Iterator[fx.Node]:
-    """Nodes among ``node``'s arguments (nested lists and dicts included), in order."""
-    yield from node.all_input_nodes
 
 
 @dataclass
@@ -109,7 +103,7 @@ class AnalysisContext:
     def opaque(self, node: fx.Node, why: str = "has no growth rule") -> Layout | None:
         """Block every input space of ``node``; its output units are fixed."""
         reason = f"{describe(node)} {why}; {REGISTER_HINT}"
-        for arg in tensor_args(node):
+        for arg in node.all_input_nodes:
             self.spaces.block_layout(self.layout(arg), reason, UnsupportedLayerError)
         return self.fixed(node, f"output of {describe(node)}")
 
@@ -160,7 +154,7 @@ def describe(node: fx.Node) -> str:
 def _block_output(ctx: AnalysisContext, node: fx.Node) -> None:
     from .errors import GrowthError
 
-    for arg in tensor_args(node):
+    for arg in node.all_input_nodes:
         lay = ctx.layout(arg)
         if lay is None:
             continue
@@ -169,7 +163,7 @@ def _block_output(ctx: AnalysisContext, node: fx.Node) -> None:
 
 
 def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
-    """Run the pass over ``graph`` (shapes recorded by ``tracing.record_shapes``)."""
+    """Run the pass over ``graph`` (shapes in ``node.meta``, from ``tracing.ShapeRecorder``)."""
     from .rules import function_rule_for, module_rule_for
 
     ctx = AnalysisContext(root)

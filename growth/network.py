@@ -404,7 +404,7 @@ class GrowableNetwork(nn.Module):
                 self._grow_recorded_shapes(group, new_units)
                 err = None
             else:
-                err = self._check(tx, before, noise, name)
+                err = self._check(before, noise, name)
         record = GrowthRecord(
             op="widen",
             layer=name,
@@ -529,7 +529,7 @@ class GrowableNetwork(nn.Module):
             tx.on_rollback(lambda: setattr(self, "_graph", old_graph))
             self._graph = new_graph
             self._recompile()
-            err = self._check(tx, before, 0.0, name)
+            err = self._check(before, 0.0, name)
         inserted = [f"grown.{n}" for n, _ in new_modules]
         record = GrowthRecord(
             op="deepen",
@@ -606,7 +606,7 @@ class GrowableNetwork(nn.Module):
                 shape[layout.dim] = new
                 node.meta["shape"] = tuple(shape)
 
-    def _check(self, tx: Transaction, before: Any, noise: float, name: str) -> float | None:
+    def _check(self, before: Any, noise: float, name: str) -> float | None:
         """Re-record shapes on the probe and compare with ``before``; raise if not preserved."""
         try:
             after = self._run_probe()

@@ -130,20 +130,3 @@ class ShapeRecorder(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta["dtype"] = result.dtype
         return result
-
-
-@torch.no_grad()
-def record_shapes(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Annotate ``graph`` with tensor shapes by running it in eval mode on ``inputs``."""
-    modes = {m: m.training for m in root.modules()}
-    root.eval()
-    try:
-        ShapeRecorder(root, graph=graph).run(*inputs)
-    except Exception as exc:
-        raise TraceError(
-            f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}. "
-            f"Check that example_inputs match what the model's forward expects."
-        ) from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
