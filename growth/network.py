@@ -381,16 +381,13 @@ class GrowableNetwork(nn.Module):
         before = self._reference_output() if verify and init != "random" else None
         params_before = self.num_parameters()
         planned = compute_values(plans, init=init, noise=float(noise), generators=gens)
-        old_shapes = {
-            (id(pm.module), t): tuple(getattr(*resolve(pm.module, t)).shape)
-            for pm in planned
-            for t in pm.values
-        }
+        old_shapes: dict[tuple[int, str], tuple[int, ...]] = {}
         with self._atomic() as tx:
             for pm in planned:
                 for tname, value in pm.values.items():
                     owner, leaf = resolve(pm.module, tname)
                     p = getattr(owner, leaf)
+                    old_shapes[(id(pm.module), tname)] = tuple(p.shape)
                     if optimizer is not None and isinstance(p, nn.Parameter):
                         new_state = optim_state.remapped_state(
                             optimizer, p, pm.update.tensors[tname].steps, init
