@@ -380,7 +380,7 @@ def _plot(results: list[dict[str, Any]], methods: list[str]) -> Any:
         rs = [r for r in results if r["method"] == method]
         xs = [r["flops"] / 1e9 for r in rs]
         ys = [r["final_acc"] for r in rs]
-        marker: Callable | str = "^" if method.startswith("grow-") else "o"
+        marker = "^" if method.startswith("grow-") else "o"
         ax.scatter(xs, ys, marker=marker, label=method)
     ax.set_xlabel("training compute (GFLOPs, torch.utils.flop_counter)")
     ax.set_ylabel("final average accuracy")
