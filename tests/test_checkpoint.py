@@ -22,9 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import growth
-from growth import GrowableNetwork, GrowthError, checkpoint
-from growth.checkpoint import LAYER_TYPES, Checkpoint, load, load_checkpoint, save
-from growth.rules import module_rule_for
+from growth import GrowableNetwork, GrowthError
+from growth.checkpoint import Checkpoint, load, load_checkpoint, save
+from growth.checkpoint.allowlist import function_name, resolve_function
+from growth.checkpoint.describe import layer_spec
+from growth.checkpoint.fileformat import read_payload, write_payload
+from growth.checkpoint.rebuild import build_layer, tensor_shapes
+from growth.rules import checkpointable_types, module_rule_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,7 +157,8 @@ def _eval_out(net: nn.Module, x: Tensor) -> Tensor:
 
 
 def _layer_types(net: nn.Module) -> dict[str, type]:
-    return {n: type(m) for n, m in net.named_modules() if type(m) in LAYER_TYPES}
+    known = set(checkpointable_types().values())
+    return {n: type(m) for n, m in net.named_modules() if type(m) in known}
 
 
 def _assert_same_network(a: GrowableNetwork, b: GrowableNetwork) -> None:
@@ -545,9 +550,9 @@ def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def _forge(path: pathlib.Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """Rewrite a checkpoint with a valid header and checksum after ``edit``-ing its payload."""
-    payload = checkpoint._read_payload(path)
+    payload = read_payload(path)
     edit(payload)
-    checkpoint._write_payload(payload, path)
+    write_payload(payload, path)
 
 
 def _set_function(payload: dict[str, Any], name: str) -> None:
@@ -651,33 +656,33 @@ LAYER_EXAMPLES = [
 def test_layer_spec_rebuilds_every_constructor_argument(
     module: nn.Module, tmp_path: pathlib.Path
 ) -> None:
-    spec = checkpoint._layer_spec(module, "m")
+    spec = layer_spec(module, "m")
     torch.save(spec, tmp_path / "spec.pt")
     spec = torch.load(tmp_path / "spec.pt", weights_only=True)
-    rebuilt = checkpoint._build_layer(spec["type"], spec["args"], "m")
+    rebuilt = build_layer(spec, "m")
     assert type(rebuilt) is type(module)
     assert repr(rebuilt) == repr(module)
     public = {k: v for k, v in vars(module).items() if not k.startswith("_")}
     assert {k: v for k, v in vars(rebuilt).items() if not k.startswith("_")} == public
-    assert checkpoint._tensor_shapes(rebuilt) == checkpoint._tensor_shapes(module)
+    assert tensor_shapes(rebuilt) == tensor_shapes(module)
 
 
 def test_every_allowed_layer_type_has_a_growth_rule() -> None:
-    assert all(module_rule_for(t.__new__(t)) is not None for t in LAYER_TYPES)
+    assert all(module_rule_for(t.__new__(t)) is not None for t in checkpointable_types().values())
 
 
 def test_every_function_with_a_rule_can_be_named_and_resolved() -> None:
     from growth.rules import _FUNCTION_RULES
 
     for fn in [*_FUNCTION_RULES, getattr, operator.getitem]:
-        name = checkpoint._function_name(fn)
-        assert checkpoint._resolve_function(name) is fn, name
+        name = function_name(fn)
+        assert resolve_function(name) is fn, name
     with pytest.raises(GrowthError, match="matmul"):
-        checkpoint._function_name(torch.matmul)
+        function_name(torch.matmul)
 
 
 def test_changed_attribute_that_the_constructor_cannot_reproduce_is_refused() -> None:
     conv = nn.Conv2d(2, 4, 3)
     conv.out_channels = 5  # inconsistent with its weight
     with pytest.raises(GrowthError, match=r"'conv'.*cannot be reproduced"):
-        checkpoint._layer_spec(conv, "conv")
+        layer_spec(conv, "conv")

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._infra import FunctionRule, ModuleRule, ModuleUpdate, PassThroughRule, TensorGrowth
+from ._infra import (
+    FunctionRule,
+    ModuleRule,
+    ModuleSpec,
+    ModuleUpdate,
+    PassThroughRule,
+    TensorGrowth,
+)
 from .conv import ConvRule, is_depthwise
 from .elementwise import FlattenRule, SoftmaxRule, SpatialRule
 from .functions import (
@@ -40,25 +47,39 @@ from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
 __all__ = [
     "FunctionRule",
     "ModuleRule",
+    "ModuleSpec",
     "ModuleUpdate",
     "PassThroughRule",
     "TensorGrowth",
     "function_rule_for",
     "is_depthwise",
+    "known_function",
     "module_rule_for",
+    "module_spec_for",
     "register_function_rule",
     "register_method_rule",
     "register_module_rule",
 ]
 
 _MODULE_RULES: dict[type, ModuleRule] = {}
+_MODULE_SPECS: dict[type, ModuleSpec] = {}
 _FUNCTION_RULES: dict[Callable, FunctionRule] = {}
 _METHOD_RULES: dict[str, FunctionRule] = {}
 
 
-def register_module_rule(module_type: type, rule: ModuleRule) -> None:
-    """Make ``module_type`` (and subclasses without a rule of their own) growable by ``rule``."""
+def register_module_rule(
+    module_type: type, rule: ModuleRule, *, spec: ModuleSpec | None = None
+) -> None:
+    """Make ``module_type`` (and subclasses without a rule of their own) growable by ``rule``.
+
+    With ``spec``, checkpoints can also store and rebuild layers of exactly this type
+    (:class:`ModuleSpec`: the constructor arguments read from the layer).
+    """
     _MODULE_RULES[module_type] = rule
+    if spec is not None:
+        _MODULE_SPECS[module_type] = spec
+    else:
+        _MODULE_SPECS.pop(module_type, None)
 
 
 def register_function_rule(fn: Callable, rule: FunctionRule) -> None:
@@ -83,6 +104,16 @@ class _GetItem(FunctionRule):
         return None if ctx.shape(node) is None else ctx.opaque(node, "indexes a tensor")
 
 
+def module_spec_for(module_type: type) -> ModuleSpec | None:
+    """How checkpoints rebuild layers of exactly ``module_type`` (None: they cannot)."""
+    return _MODULE_SPECS.get(module_type)
+
+
+def checkpointable_types() -> dict[str, type]:
+    """Every layer type a checkpoint can rebuild, by class name."""
+    return {t.__name__: t for t in _MODULE_SPECS}
+
+
 def function_rule_for(node: fx.Node) -> FunctionRule | None:
     if node.op == "call_method":
         return _METHOD_RULES.get(str(node.target))
@@ -94,90 +125,141 @@ def known_function(fn: Callable) -> bool:
     return fn in _FUNCTION_RULES
 
 
+#: Constructor arguments shared by several layer families (read from attributes of the same name).
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats", "bias")
+_INPLACE = ("inplace",)
+_DROPOUT = ("p", "inplace")
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_EMBEDDING = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type")
+_EMBEDDING += ("scale_grad_by_freq", "sparse")
+_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+_PADS += (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d)
+_PADS += (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+_BIAS_DEFAULT = {"bias": True}  # a keyword older torch versions lack: stored only when False
+
+#: The built-in layer types: (types, rule, constructor arguments a checkpoint stores, arguments
+#: stored only when they differ from the given default).
+_BUILTIN_LAYERS: list[tuple[tuple[type[nn.Module], ...], ModuleRule, tuple[str, ...], dict]] = [
+    ((nn.Linear,), LinearRule(), ("in_features", "out_features", "bias"), {}),
+    (
+        (nn.Embedding,),
+        EmbeddingRule(),
+        _EMBEDDING,
+        {},
+    ),
+    (
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+        ConvRule(),
+        (*_CONV, "groups", "bias", "padding_mode"),
+        {},
+    ),
+    (
+        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+        ChannelwiseRule(),
+        _NORM,
+        _BIAS_DEFAULT,
+    ),
+    (
+        (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+        ChannelwiseRule(),
+        _NORM,
+        _BIAS_DEFAULT,
+    ),
+    ((nn.PReLU,), PReLURule(), ("num_parameters",), {}),
+    (
+        (nn.LayerNorm,),
+        LayerNormRule(),
+        ("normalized_shape", "eps", "elementwise_affine", "bias"),
+        {},
+    ),
+    (
+        (nn.GroupNorm,),
+        GroupNormRule(),
+        ("num_groups", "num_channels", "eps", "affine", "bias"),
+        _BIAS_DEFAULT,
+    ),
+    # activations and dropout: act on each channel alike
+    (
+        (nn.ReLU, nn.ReLU6, nn.SiLU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish),
+        PassThroughRule(),
+        _INPLACE,
+        {},
+    ),
+    ((nn.LeakyReLU,), PassThroughRule(), ("negative_slope", "inplace"), {}),
+    ((nn.GELU,), PassThroughRule(), ("approximate",), {}),
+    ((nn.ELU, nn.CELU), PassThroughRule(), ("alpha", "inplace"), {}),
+    ((nn.Hardtanh,), PassThroughRule(), ("min_val", "max_val", "inplace"), {}),
+    ((nn.Softplus,), PassThroughRule(), ("beta", "threshold"), {}),
+    ((nn.Threshold,), PassThroughRule(), ("threshold", "value", "inplace"), {}),
+    (
+        (nn.Tanh, nn.Sigmoid, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity),
+        PassThroughRule(),
+        (),
+        {},
+    ),
+    (
+        (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
+        PassThroughRule(),
+        _DROPOUT,
+        {},
+    ),
+    # pooling, resizing and padding: act on spatial positions only
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), SpatialRule(), _MAX_POOL, {}),
+    ((nn.AvgPool1d,), SpatialRule(), _AVG_POOL, {}),
+    ((nn.AvgPool2d, nn.AvgPool3d), SpatialRule(), (*_AVG_POOL, "divisor_override"), {}),
+    (
+        (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+        SpatialRule(),
+        ("output_size",),
+        {},
+    ),
+    (
+        (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+        SpatialRule(),
+        ("output_size", "return_indices"),
+        {},
+    ),
+    (
+        (nn.LPPool1d, nn.LPPool2d),
+        SpatialRule(),
+        ("norm_type", "kernel_size", "stride", "ceil_mode"),
+        {},
+    ),
+    (
+        (nn.Upsample,),
+        SpatialRule(),
+        ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor"),
+        {},
+    ),
+    (
+        (nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+        SpatialRule(),
+        ("size", "scale_factor"),
+        {},
+    ),
+    (
+        _PADS,
+        SpatialRule(),
+        ("padding",),
+        {},
+    ),
+    (
+        (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d),
+        SpatialRule(),
+        ("padding", "value"),
+        {},
+    ),
+    ((nn.Flatten,), FlattenRule(), ("start_dim", "end_dim"), {}),
+    ((nn.Softmax, nn.LogSoftmax), SoftmaxRule(), ("dim",), {}),
+]
+
+
 def _register_builtins() -> None:
-    for t in (nn.Linear,):
-        register_module_rule(t, LinearRule())
-    register_module_rule(nn.Embedding, EmbeddingRule())
-    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        register_module_rule(t, ConvRule())
-    for t in (
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-    ):
-        register_module_rule(t, ChannelwiseRule())
-    register_module_rule(nn.PReLU, PReLURule())
-    register_module_rule(nn.LayerNorm, LayerNormRule())
-    register_module_rule(nn.GroupNorm, GroupNormRule())
-    passthrough = PassThroughRule()
-    for t in (
-        nn.ReLU,
-        nn.ReLU6,
-        nn.LeakyReLU,
-        nn.GELU,
-        nn.Tanh,
-        nn.Sigmoid,
-        nn.SiLU,
-        nn.ELU,
-        nn.SELU,
-        nn.CELU,
-        nn.Hardtanh,
-        nn.Hardswish,
-        nn.Hardsigmoid,
-        nn.Mish,
-        nn.Softplus,
-        nn.Softsign,
-        nn.Tanhshrink,
-        nn.LogSigmoid,
-        nn.Threshold,
-        nn.Identity,
-        nn.Dropout,
-        nn.Dropout1d,
-        nn.Dropout2d,
-        nn.Dropout3d,
-        nn.AlphaDropout,
-    ):
-        register_module_rule(t, passthrough)
-    spatial = SpatialRule()
-    for t in (
-        nn.MaxPool1d,
-        nn.MaxPool2d,
-        nn.MaxPool3d,
-        nn.AvgPool1d,
-        nn.AvgPool2d,
-        nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d,
-        nn.AdaptiveMaxPool2d,
-        nn.AdaptiveMaxPool3d,
-        nn.LPPool1d,
-        nn.LPPool2d,
-        nn.Upsample,
-        nn.UpsamplingNearest2d,
-        nn.UpsamplingBilinear2d,
-        nn.ZeroPad1d,
-        nn.ZeroPad2d,
-        nn.ZeroPad3d,
-        nn.ConstantPad1d,
-        nn.ConstantPad2d,
-        nn.ConstantPad3d,
-        nn.ReflectionPad1d,
-        nn.ReflectionPad2d,
-        nn.ReflectionPad3d,
-        nn.ReplicationPad1d,
-        nn.ReplicationPad2d,
-        nn.ReplicationPad3d,
-    ):
-        register_module_rule(t, spatial)
-    register_module_rule(nn.Flatten, FlattenRule())
-    register_module_rule(nn.Softmax, SoftmaxRule())
-    register_module_rule(nn.LogSoftmax, SoftmaxRule())
+    for types, rule, args, omit in _BUILTIN_LAYERS:
+        for t in types:
+            register_module_rule(t, rule, spec=ModuleSpec(args, omit_if_default=dict(omit)))
 
     unary = Unary()
     for fn in (

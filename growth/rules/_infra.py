@@ -37,6 +37,32 @@ class ModuleUpdate:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModuleSpec:
+    """How a checkpoint stores and rebuilds one layer type without pickling it.
+
+    Attributes
+    ----------
+    args : tuple of str
+        Constructor keywords, each read from the module's attribute of the same name
+        (``bias`` is stored as ``module.bias is not None``). A checkpoint calls
+        ``type(**args)`` on the ``meta`` device, then loads the saved tensors.
+    omit_if_default : dict
+        Keywords stored only when their value differs from the one given (keywords that
+        older torch versions lack).
+    state : tuple of str
+        Plain attributes (numbers, strings, tuples) restored after construction: state the
+        layer gathers while it is used (class counts of an incremental head).
+    dynamic_buffers : bool
+        The layer registers buffers after construction; a checkpoint restores the saved ones.
+    """
+
+    args: tuple[str, ...]
+    omit_if_default: dict[str, Any] = field(default_factory=dict)
+    state: tuple[str, ...] = ()
+    dynamic_buffers: bool = False
+
+
 class ModuleRule:
     """How one module type takes part in growth. Subclass and register for new layer types."""
 
