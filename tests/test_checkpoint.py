@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -686,3 +687,60 @@ def test_changed_attribute_that_the_constructor_cannot_reproduce_is_refused() ->
     conv.out_channels = 5  # inconsistent with its weight
     with pytest.raises(GrowthError, match=r"'conv'.*cannot be reproduced"):
         layer_spec(conv, "conv")
+
+
+# --------------------------------------------------------------------------------------------
+# temporary files of writers that died
+# --------------------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_save_removes_temporary_files_of_dead_writers_only(saved: pathlib.Path) -> None:
+    dead = saved.parent / f".{saved.name}.{_dead_pid()}.0123abcd.tmp"
+    alive = saved.parent / f".{saved.name}.{os.getpid()}.89abcdef.tmp"
+    other = saved.parent / f".other.n2g.{_dead_pid()}.0123abcd.tmp"
+    for path in (dead, alive, other):
+        path.write_bytes(b"half a checkpoint")
+    save(load(saved), saved)
+    assert not dead.exists()  # its writer is gone
+    assert alive.exists()  # a live writer (this process) may still be writing it
+    assert other.exists()  # another checkpoint's file
+    load(saved)
+
+
+def test_save_killed_mid_write_leaves_nothing_after_the_next_save(tmp_path: pathlib.Path) -> None:
+    """kill -9 a process while it saves a large network over and over; the next save in this
+    process removes what it left, and the last complete file still loads."""
+    target = tmp_path / "big.n2g"
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        from torch import nn
+        import growth
+        net = growth.GrowableNetwork(
+            nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 2048)),
+            torch.randn(2, 256),
+        )
+        growth.save(net, {str(target)!r})
+        print("ready", flush=True)
+        while True:
+            growth.save(net, {str(target)!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for trial in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.05 + 0.07 * trial)
+        proc.kill()
+        proc.wait()
+    load(target)  # the last complete save
+    save(load(target), target)
+    assert sorted(os.listdir(tmp_path)) == [target.name]

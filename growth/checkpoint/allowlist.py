@@ -39,6 +39,7 @@ __all__ = [
     "TENSOR_ATTRIBUTES",
     "check_attribute_name",
     "check_call",
+    "check_local_name",
     "check_member_name",
     "check_method",
     "check_path",
@@ -105,10 +106,18 @@ def check_member_name(name: Any, what: str) -> str:
     return name
 
 
+def check_local_name(name: Any, what: str) -> str:
+    """A Python identifier, not a keyword or dunder (graph node names, keyword arguments)."""
+    check_member_name(name, what)
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise _refuse(f"uses the {what} name", name, "a Python identifier is required")
+    return name
+
+
 def check_attribute_name(name: Any, what: str) -> str:
     """A public identifier (no leading ``_``, not a keyword)."""
-    check_member_name(name, what)
-    if name.startswith("_") or not name.isidentifier() or keyword.iskeyword(name):
+    check_local_name(name, what)
+    if name.startswith("_"):
         raise _refuse(f"uses the {what} name", name, "a public Python identifier is required")
     return name
 

@@ -26,6 +26,7 @@ from ..rules import module_spec_for
 from .allowlist import (
     check_attribute_name,
     check_call,
+    check_local_name,
     check_member_name,
     check_method,
     check_path,
@@ -273,7 +274,7 @@ def build_graph(data: dict[str, Any], root: nn.Module) -> fx.Graph:
         op = _field(spec, "op", str, f"graph node {i}")
         if op not in _OPS:
             raise _malformed(f"unknown node op {op[:50]!r}")
-        name = check_attribute_name(_field(spec, "name", str, f"graph node {i}"), "graph node")
+        name = check_local_name(_field(spec, "name", str, f"graph node {i}"), "graph node")
         if name in nodes:
             raise _malformed(f"two graph nodes named {name!r}")
         target = _target(op, spec.get("target"), root)
@@ -282,7 +283,7 @@ def build_graph(data: dict[str, Any], root: nn.Module) -> fx.Graph:
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise _malformed(f"bad arguments of node {name!r}")
         for key in kwargs:
-            check_attribute_name(key, "keyword argument")
+            check_local_name(key, "keyword argument")
         check_call(op, target, tuple(args), kwargs)
         nodes[name] = graph.create_node(op, target, tuple(args), kwargs, name=name)
     if specs[-1].get("op") != "output":
