@@ -56,6 +56,8 @@ def encode(value: Any, where: str, *, lenient: bool = False) -> Any:
         return {"tuple": [enc(v) for v in value]}
     if isinstance(value, dict):
         return {"dict": [[enc(k), enc(v)] for k, v in value.items()]}
+    if isinstance(value, (set, frozenset)):
+        return {"set": [enc(v) for v in sorted(value, key=repr)]}
     if isinstance(value, slice):
         return {"slice": [enc(value.start), enc(value.stop), enc(value.step)]}
     if value is Ellipsis:
@@ -111,6 +113,11 @@ def decode(value: Any, nodes: dict[str, fx.Node] | None = None, depth: int = 0) 
             return {k: v for k, v in pairs}
         except TypeError as exc:  # an unhashable key
             raise _malformed(value) from exc
+    if tag == "set" and isinstance(data, list):
+        items = decode(data, nodes, depth)
+        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+            raise _malformed(value)
+        return set(items)
     if tag == "slice" and isinstance(data, list) and len(data) == 3:
         return slice(*decode(data, nodes, depth))
     if tag == "ellipsis" and data is None:

@@ -51,16 +51,23 @@ def _same(a: Any, b: Any) -> bool:
 def _constructor_args(module: nn.Module) -> dict[str, Any]:
     spec = module_spec_for(type(module))
     assert spec is not None
-    args = {}
-    for name in spec.args:
-        if name == "bias":
-            weight = getattr(module, "weight", None)
-            value = getattr(module, "bias", None) is not None if weight is not None else True
-        else:
-            value = getattr(module, name)
-        if not (name in spec.omit_if_default and _same(value, spec.omit_if_default[name])):
-            args[name] = value
-    return args
+    if spec.read is not None:
+        args = spec.read(module)
+        assert set(args) == set(spec.args), f"{type(module).__name__}: read() != args"
+    else:
+        args = {name: _read_arg(module, name) for name in spec.args}
+    return {
+        name: value
+        for name, value in args.items()
+        if not (name in spec.omit_if_default and _same(value, spec.omit_if_default[name]))
+    }
+
+
+def _read_arg(module: nn.Module, name: str) -> Any:
+    if name == "bias":  # constructors take a flag; modules hold a tensor or None
+        weight = getattr(module, "weight", None)
+        return getattr(module, "bias", None) is not None if weight is not None else True
+    return getattr(module, name)
 
 
 def layer_spec(module: nn.Module, path: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ does the analysis part for a ``call_function``/``call_method`` node (functions h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,12 +56,16 @@ class ModuleSpec:
         layer gathers while it is used (class counts of an incremental head).
     dynamic_buffers : bool
         The layer registers buffers after construction; a checkpoint restores the saved ones.
+    read : callable, optional
+        ``read(module) -> {arg: value}`` for layers whose constructor arguments are not
+        attributes of the same name (it must return exactly ``args``).
     """
 
     args: tuple[str, ...]
     omit_if_default: dict[str, Any] = field(default_factory=dict)
     state: tuple[str, ...] = ()
     dynamic_buffers: bool = False
+    read: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 class ModuleRule:
