@@ -14,8 +14,45 @@ from typing import Any
 
 from torch import fx, nn
 
-from .errors import REGISTER_HINT, UnsupportedLayerError
-from .layout import Layout, Segment, SpaceTable
+from .errors import REGISTER_HINT, GrowthError, UnsupportedLayerError
+from .layout import Block, Layout, Segment, SpaceTable
+
+
+class JoinLog(SpaceTable):
+    """A :class:`SpaceTable` that remembers every join (and the shared module that made it, if
+    any) and the space each block was first attached to, so that a refusal can say *why* a
+    layer is coupled to what blocks it (weight sharing, rather than the blocking thing itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joins: list[tuple[int, int, str | None]] = []
+        self.block_origin: dict[int, int] = {}  # id(Block) -> space it was attached to
+        self.sharing: str | None = None  # the shared module whose calls are being joined
+
+    def union(self, a: int, b: int) -> int:
+        self.joins.append((a, b, self.sharing))
+        return super().union(a, b)
+
+    def block(
+        self, space: int, reason: str, error: type[GrowthError] = GrowthError, priority: int = 1
+    ) -> None:
+        super().block(space, reason, error, priority)
+        self.block_origin[id(self.info(space).blocks[-1])] = space
+
+    def connected(self, a: int, b: int, skip: frozenset[str]) -> bool:
+        """Whether spaces ``a`` and ``b`` are joined without the joins of ``skip``'s modules."""
+        parent = list(range(len(self._parent)))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x, y, shared in self.joins:
+            if shared is None or shared not in skip:
+                parent[find(x)] = find(y)
+        return find(a) == find(b)
 
 
 @dataclass
@@ -30,13 +67,61 @@ class ChannelAnalysis:
         first = node.args[0] if node.args else None
         return self.layouts.get(first) if isinstance(first, fx.Node) else None
 
+    def blocked(self, space: int) -> tuple[str, type[GrowthError]] | None:
+        """Why the units of ``space`` (a layer's own output space) cannot grow, or None.
+
+        When the layer is coupled to what blocks it only because a module is called more than
+        once (its calls must read the same units), the reason names that module.
+        """
+        block = self.spaces.first_block(space)
+        if block is None:
+            return None
+        shared = self._sharing_cause(space, block)
+        if not shared:
+            return block.reason, block.error
+        calls = " and ".join(
+            f"layer {n!r} is called {len(self.module_nodes.get(n, ()))} times in forward"
+            for n in shared
+        )
+        their = "its" if len(shared) == 1 else "their"
+        return (
+            f"{calls}: {their} weights are shared between the calls, so every call must read the "
+            f"same units, and through that weight sharing this layer's units are coupled to units "
+            f"that cannot grow ({block.reason}). To grow them, use a separate module for each "
+            f"call (e.g. a copy.deepcopy of the shared layer for the second call), or widen a "
+            f"layer that is not coupled to it",
+            GrowthError,
+        )
+
+    def _sharing_cause(self, space: int, block: Block) -> list[str]:
+        """The shared modules without whose joins ``space`` would not reach ``block``."""
+        log = self.spaces
+        if not isinstance(log, JoinLog):
+            return []
+        origin = log.block_origin.get(id(block))
+        if origin is None:
+            return []
+        group = log.find(space)
+        shared = list(
+            dict.fromkeys(m for a, _, m in log.joins if m is not None and log.find(a) == group)
+        )
+        if not shared or log.connected(space, origin, frozenset(shared)):
+            return []  # coupled without any weight sharing: the block's own reason is the cause
+        needed = list(shared)
+        for name in shared:  # keep a smallest set of shared modules that explains the coupling
+            rest = [n for n in needed if n != name]
+            if not log.connected(space, origin, frozenset(rest) ^ frozenset(shared)):
+                continue
+            needed = rest
+        return needed
+
 
 class AnalysisContext:
     """What a rule sees while the pass infers one node's layout."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
-        self.spaces = SpaceTable()
+        self.spaces = JoinLog()
         self.layouts: dict[fx.Node, Layout | None] = {}
         self._module_space: dict[str, int] = {}
         self._module_input: dict[str, Layout | None] = {}
@@ -131,7 +216,11 @@ class AnalysisContext:
         if name in self._module_input:
             prev = self._module_input[name]
             if prev is not None and layout is not None:
-                self.join([prev, layout], node)
+                self.spaces.sharing = name
+                try:
+                    self.join([prev, layout], node)
+                finally:
+                    self.spaces.sharing = None
         else:
             self._module_input[name] = layout
 

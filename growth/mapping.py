@@ -114,6 +114,18 @@ def identity_mapping(width: int, device: torch.device) -> UnitMapping:
     )
 
 
+def shape_mapping(old_width: int, new_width: int, groups: int = 1) -> UnitMapping:
+    """A mapping with the shapes of a real one but no data (``meta`` tensors): planning growth
+    with it gives every new tensor shape without allocating anything (memory-limit check)."""
+    meta = torch.device("meta")
+    return UnitMapping(
+        torch.empty(new_width, dtype=torch.long, device=meta),
+        torch.empty(new_width, dtype=torch.bool, device=meta),
+        torch.empty(new_width, dtype=torch.float64, device=meta),
+        old_width // groups,
+    )
+
+
 def grown_layout(layout: Layout, spaces: SpaceTable, group: int, new_width: int) -> Layout:
     """``layout`` after the space group ``group`` grows to ``new_width`` units."""
     segs = tuple(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import limits
 from . import optim as optim_state
 from .analysis import ChannelAnalysis, analyse
 from .deepen import (
@@ -40,22 +42,118 @@ from .verify import (
     exact_float32,
     output_difference,
 )
-from .widen import compute_values, plan_updates, resolve
+from .widen import compute_values, growth_bytes, plan_updates, resolve
 
 _PROBE_PREFIX = "_probe_"
 
 
+#: Largest width ``widen`` accepts: no tensor dimension can be longer (torch indexes in int64).
+_MAX_UNITS = 2**62
+
+
 def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and all(
-        isinstance(t, Tensor) for t in example_inputs
-    ):
-        return tuple(example_inputs)
-    raise GrowthError(
-        "example_inputs must be a tensor or a tuple of tensors shaped like the model's inputs "
-        f"(with a batch dimension), got {type(example_inputs).__name__}"
+    """``example_inputs`` as a tuple of tensors, each with a non-empty batch dimension."""
+    fix = (
+        "pass a batch of real inputs like the model's, e.g. example_inputs=torch.randn(16, 4) for "
+        "a model taking (batch, 4) tensors, or a tuple of tensors for several inputs"
     )
+    if isinstance(example_inputs, Tensor):
+        inputs: tuple[Tensor, ...] = (example_inputs,)
+    elif isinstance(example_inputs, (list, tuple)):
+        if not example_inputs:
+            raise GrowthError(f"example_inputs is an empty {type(example_inputs).__name__}: {fix}")
+        for i, t in enumerate(example_inputs):
+            if not isinstance(t, Tensor):
+                raise GrowthError(
+                    f"example_inputs[{i}] is a {type(t).__name__}, not a tensor: {fix} "
+                    f"(non-tensor arguments cannot be traced as inputs; set them in the model)"
+                )
+        inputs = tuple(example_inputs)
+    else:
+        raise GrowthError(
+            "example_inputs must be a tensor or a tuple of tensors shaped like the model's inputs "
+            f"(with a batch dimension), got {type(example_inputs).__name__}: {fix}"
+        )
+    for i, t in enumerate(inputs):
+        where = "example_inputs" if len(inputs) == 1 else f"example_inputs[{i}]"
+        if t.dim() == 0:
+            raise GrowthError(
+                f"{where} is a 0-dim tensor: inputs need a batch dimension; pass e.g. "
+                f"x.unsqueeze(0) or a batch of samples"
+            )
+        if t.shape[0] == 0:
+            raise GrowthError(
+                f"{where} has an empty batch (shape {tuple(t.shape)}): pass at least one sample "
+                f"(up to probe_size of them are kept to verify every growth)"
+            )
+        if t.is_meta:
+            raise GrowthError(
+                f"{where} is on the meta device and holds no values: pass real tensors "
+                f"(e.g. torch.randn(...)) on the model's device"
+            )
+        if t.layout != torch.strided:
+            raise GrowthError(f"{where} is a {t.layout} tensor: pass a dense tensor (x.to_dense())")
+    return inputs
+
+
+def _big(n: int) -> str:
+    """A huge int in a few characters (``1.2e+300``)."""
+    digits = str(n)
+    return digits if len(digits) <= 12 else f"{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+
+
+def _check_optimizer(optimizer: object) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise GrowthError(
+            f"optimizer must be a torch.optim.Optimizer over this network's parameters (or "
+            f"None), got {type(optimizer).__name__}"
+        )
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise GrowthError(f"{name} must be True or False, got {value!r}")
+
+
+def _probe_failure(model: nn.Module, inputs: Sequence[Tensor], exc: Exception) -> str:
+    """Why the model failed on ``example_inputs``, and what to do about it."""
+    params = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtypes = sorted({str(p.dtype) for p in params})
+    devices = sorted({str(p.device) for p in params})
+    name = type(model).__name__
+    what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    hints = []
+    if len(dtypes) == 1:
+        dtype = params[0].dtype
+        for i, t in enumerate(inputs):
+            if t.dtype == dtype:
+                continue
+            where = "example_inputs" if len(inputs) == 1 else f"example_inputs[{i}]"
+            if t.is_floating_point():
+                hints.append(
+                    f"{where} is {t.dtype} but the model's parameters are {dtype}: cast the "
+                    f"inputs (x.to({dtype})) or the model (model.to({t.dtype})) so they match"
+                )
+            else:
+                hints.append(
+                    f"{where} is {t.dtype} but the model's parameters are {dtype}: if the model "
+                    f"expects floating-point inputs, pass x.to({dtype})"
+                )
+    elif len(dtypes) > 1:
+        hints.append(f"the model's parameters mix dtypes ({', '.join(dtypes)})")
+    if len(devices) > 1:
+        hints.append(
+            f"the model's parameters are on several devices ({', '.join(devices)}); the probe "
+            f"batch is kept on the first one: put the model on one device"
+        )
+    advice = (
+        "; ".join(hints)
+        if hints
+        else (
+            "pass example_inputs the model accepts (right shape, dtype and device for its forward)"
+        )
+    )
+    return f"{name} failed on example_inputs ({what}). {advice}. Nothing was changed."
 
 
 class GrowableNetwork(nn.Module):
@@ -94,6 +192,34 @@ class GrowableNetwork(nn.Module):
         if isinstance(model, GrowableNetwork):
             raise GrowthError("model is already a GrowableNetwork: grow it directly")
         inputs = _as_tuple(example_inputs)
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, numbers.Real)
+            or math.isnan(tolerance)
+            or tolerance < 0
+        ):
+            raise GrowthError(
+                f"tolerance must be a number >= 0 (largest output change accepted, relative to "
+                f"the output scale), got {tolerance!r}; the default is {DEFAULT_TOLERANCE:g}"
+            )
+        if isinstance(probe_size, bool) or not isinstance(probe_size, numbers.Integral):
+            raise GrowthError(f"probe_size must be an int >= 1, got {probe_size!r}")
+        if probe_size < 1:
+            raise GrowthError(
+                f"probe_size must be an int >= 1 (samples kept to verify growth), got {probe_size}"
+            )
+        if isinstance(leaf_modules, type) or not isinstance(leaf_modules, Iterable):
+            raise GrowthError(
+                f"leaf_modules must be a list of module types, got {leaf_modules!r}; "
+                f"e.g. leaf_modules=[MyBlock]"
+            )
+        leaf_modules = tuple(leaf_modules)
+        for leaf in leaf_modules:
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise GrowthError(
+                    f"leaf_modules must hold nn.Module subclasses (types, not instances), got "
+                    f"{leaf!r}"
+                )
         graph, functional = trace_both_modes(model, leaf_modules)
         if functional:
             container = nn.Module()
@@ -101,7 +227,7 @@ class GrowableNetwork(nn.Module):
                 container.add_module(name, module)
             container.train(model.training)
             self.add_module(FUNCTIONAL_CONTAINER, container)
-        self._setup(model, graph, inputs, tolerance, probe_size, [])
+        self._setup(model, graph, inputs, tolerance, int(probe_size), [], diagnose=True)
 
     @classmethod
     def from_graph(
@@ -131,6 +257,7 @@ class GrowableNetwork(nn.Module):
         tolerance: float,
         probe_size: int,
         history: list[GrowthRecord],
+        diagnose: bool = False,
     ) -> None:
         self.training = model.training
         self.tolerance = float(tolerance)
@@ -146,7 +273,12 @@ class GrowableNetwork(nn.Module):
         self._analysis: ChannelAnalysis | None = None
         self._growth_hooks: OrderedDict[int, GrowthHook] = OrderedDict()
         self._recompile()
-        self._run_probe()
+        try:
+            self._run_probe()
+        except Exception as exc:
+            if not diagnose:
+                raise
+            raise GrowthError(_probe_failure(model, self.probe, exc)) from exc
 
     def register_growth_hook(self, hook: GrowthHook) -> RemovableHandle:
         """Call ``hook(record, changes)`` after every successful widen/deepen.
@@ -272,9 +404,9 @@ class GrowableNetwork(nn.Module):
         return self.analysis.spaces.find(seg.space), seg.expand
 
     def _blocked_reason(self, name: str) -> tuple[str, type[GrowthError]] | None:
-        group, _ = self._group_of(name)
-        block = self.analysis.spaces.first_block(group)
-        return (block.reason, block.error) if block else None
+        self._group_of(name)  # refuses layers without a single growable output
+        seg = self.analysis.layouts[self.analysis.module_nodes[name][0]].segments[0]
+        return self.analysis.blocked(seg.space)
 
     @property
     def layers(self) -> list[str]:
@@ -284,10 +416,11 @@ class GrowableNetwork(nn.Module):
             rule = module_rule_for(self.get_submodule(name))
             if rule is not None and rule.is_layer:
                 try:
-                    if self._blocked_reason(name) is None:
-                        names.append(name)
+                    group, _ = self._group_of(name)
                 except GrowthError:
                     continue
+                if self.analysis.spaces.first_block(group) is None:
+                    names.append(name)
         return names
 
     def width(self, name: str) -> int:
@@ -320,23 +453,37 @@ class GrowableNetwork(nn.Module):
         generator: torch.Generator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         verify: bool = True,
+        max_growth_bytes: float | None = None,
     ) -> GrowthRecord:
         """Net2WiderNet: give layer ``name`` ``width`` outputs (or ``factor`` times as many).
 
         Every layer coupled to ``name`` through the graph follows with the same unit mapping. See
         DESIGN.md for ``init``, ``split`` and ``noise``. With ``optimizer`` its state is carried
         over. On any refusal (``GrowthError``) the network and optimizer are left as they were.
+
+        An operation that would allocate more than ``max_growth_bytes`` (default
+        ``growth.limits.MAX_GROWTH_BYTES``, 8 GiB; new tensors, optimizer state and index maps,
+        counted from the planned shapes) is refused before anything is allocated.
         """
         start = time.perf_counter()
         module, rule = self._layer_rule(name)
         old_width = int(rule.width(module))
         new_width = self._target_width(name, old_width, width, factor)
-        if init not in INITS:
+        limit = limits.resolve_limit(max_growth_bytes)
+        if not isinstance(init, str) or init not in INITS:
             raise GrowthError(f"init must be one of {INITS}, got {init!r}")
-        if split not in SPLITS:
+        if not isinstance(split, str) or split not in SPLITS:
             raise GrowthError(f"split must be one of {SPLITS}, got {split!r}")
-        if not isinstance(noise, (int, float)) or noise < 0 or math.isnan(noise):
-            raise GrowthError(f"noise must be a non-negative number, got {noise!r}")
+        if (
+            isinstance(noise, bool)
+            or not isinstance(noise, numbers.Real)
+            or not math.isfinite(noise)
+            or noise < 0
+        ):
+            raise GrowthError(
+                f"noise must be a non-negative number, got {noise!r}: a finite scale relative to "
+                f"the weights' spread, e.g. noise=0.01, or 0 for none"
+            )
         if noise and init != "net2net":
             raise GrowthError(
                 "noise breaks the symmetry of replicated units: use it with init='net2net'"
@@ -345,6 +492,8 @@ class GrowableNetwork(nn.Module):
             raise GrowthError(
                 f"generator must be a torch.Generator, got {type(generator).__name__}"
             )
+        _check_optimizer(optimizer)
+        _check_flag("verify", verify)
         blocked = self._blocked_reason(name)
         if blocked is not None:
             reason, error = blocked
@@ -362,6 +511,11 @@ class GrowableNetwork(nn.Module):
                 f"{name!r} is coupled to a grouped convolution: width must be a multiple of "
                 f"{info.groups * expand} (it grows by whole groups), got {new_width}"
             )
+        limits.check_growth_bytes(
+            growth_bytes(self, self.analysis, group, new_units, optimizer),
+            limit,
+            f"widen({name!r}) from {old_width} to {new_width} units",
+        )
         device = next(module.parameters()).device
         gens = DeviceGenerators(generator)
         mapping = build_unit_mapping(
@@ -436,6 +590,7 @@ class GrowableNetwork(nn.Module):
         activation: nn.Module | None = None,
         verify: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
+        max_growth_bytes: float | None = None,
     ) -> GrowthRecord:
         """Net2DeeperNet: insert a new layer after ``name`` (and its BatchNorm/activation).
 
@@ -445,16 +600,26 @@ class GrowableNetwork(nn.Module):
         ``x + layer2(act(layer1(x)))`` with ``layer2`` zero, exact for every activation.
         New modules live under the top-level ``grown`` module; existing names never change.
         With ``optimizer``, the new parameters join the param group of ``name``'s weight.
+        New layers needing more than ``max_growth_bytes`` (default
+        ``growth.limits.MAX_GROWTH_BYTES``) are refused before they are built.
         """
         start = time.perf_counter()
         module, rule = self._layer_rule(name)
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise GrowthError(f"deepen({name!r}): kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(activation, type) and issubclass(activation, nn.Module):
+            raise GrowthError(
+                f"deepen({name!r}): activation must be an nn.Module instance, got the class "
+                f"{activation.__name__}: pass activation={activation.__name__}() instead"
+            )
         if activation is not None and not isinstance(activation, nn.Module):
             raise GrowthError(
                 f"deepen({name!r}): activation must be an nn.Module instance (e.g. nn.ReLU()), "
                 f"got {activation!r}"
             )
+        limit = limits.resolve_limit(max_growth_bytes)
+        _check_optimizer(optimizer)
+        _check_flag("verify", verify)
         nodes = self.analysis.module_nodes[name]
         if len(nodes) != 1:
             raise GrowthError(
@@ -465,6 +630,11 @@ class GrowableNetwork(nn.Module):
         new_act = activation if activation is not None else chain.activation
         if kind == "identity":
             check_identity_exact(name, chain, new_act)
+        try:
+            needed = _deepen_bytes(rule, module, width, kind, chain.norm is not None, new_act)
+        except GrowthError as exc:
+            raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
+        limits.check_growth_bytes(needed, limit, f"deepen({name!r}) at width {width}")
         try:
             layer = rule.square_like(module, width)
         except GrowthError as exc:
@@ -567,19 +737,45 @@ class GrowableNetwork(nn.Module):
         if (width is None) == (factor is None):
             raise GrowthError(f"widen({name!r}): give exactly one of width= and factor=")
         if width is not None:
-            if isinstance(width, bool) or not isinstance(width, int):
-                raise GrowthError(f"width must be an int, got {width!r} ({type(width).__name__})")
-            new = width
+            if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+                raise GrowthError(
+                    f"width must be an int, got {width!r} ({type(width).__name__}): give the new "
+                    f"number of output units of {name!r} (now {old}), e.g. width={2 * old}, or "
+                    f"factor=2.0"
+                )
+            new = int(width)
         else:
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-                raise GrowthError(f"factor must be a number > 1, got {factor!r}")
-            new = int(round(old * factor))
+            if (
+                isinstance(factor, bool)
+                or not isinstance(factor, numbers.Real)
+                or not math.isfinite(factor)
+                or factor <= 1
+            ):
+                raise GrowthError(
+                    f"factor must be a number > 1, got {factor!r}: a finite ratio of new to "
+                    f"current width of {name!r} (now {old}), e.g. factor=2.0 for {2 * old} units, "
+                    f"or width=<units>"
+                )
+            product = old * float(factor)
+            if not product <= _MAX_UNITS:  # also inf
+                raise GrowthError(
+                    f"factor={float(factor):g} would give {name!r} {old} x {float(factor):g} "
+                    f"units: no tensor dimension can be that long (at most 2**62); ask for a "
+                    f"smaller factor"
+                )
+            new = int(round(product))
         if new < old:
             raise GrowthError(
-                f"cannot shrink {name!r} from {old} to {new} units: net2grow only grows"
+                f"cannot shrink {name!r} from {old} to {new} units: net2grow only grows; ask for "
+                f"more than {old} units"
             )
         if new == old:
             raise GrowthError(f"{name!r} already has width {old}: ask for more units")
+        if new > _MAX_UNITS:
+            raise GrowthError(
+                f"cannot widen {name!r} to {_big(new)} units: no tensor dimension can be that long "
+                f"(at most 2**62 here); ask for a smaller width"
+            )
         return new
 
     # --- verification --------------------------------------------------------------------------
@@ -653,3 +849,50 @@ class GrowableNetwork(nn.Module):
                     f"{rec.seconds * 1e3:.1f} ms"
                 )
         return "\n".join(lines)
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data copied)."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else meta
+        )
+    return copy.deepcopy(module, memo)
+
+
+def _deepen_bytes(
+    rule: Any,
+    module: nn.Module,
+    width: int,
+    kind: str,
+    with_norm: bool,
+    activation: nn.Module | None,
+) -> int:
+    """Bytes of the layers ``deepen`` would insert after ``module``, computed without building
+    them: the rule builds its layer from a ``meta`` copy of ``module`` (a bound when it cannot)."""
+    try:
+        layer = rule.square_like(_meta_copy(module), width)
+        one = 0 if layer is None else _tensor_bytes(layer)
+    except GrowthError:
+        raise
+    except Exception:  # a rule that cannot build on meta tensors: width x width per kernel tap
+        w = getattr(module, "weight", None)
+        if isinstance(w, Tensor):
+            one = (width * width * math.prod(w.shape[2:]) + width) * w.element_size()
+        else:
+            one = _tensor_bytes(module)
+    elem = next((p.element_size() for p in module.parameters()), 4)
+    total = one * (2 if kind == "residual" else 1)
+    if kind == "identity" and with_norm:
+        total += 4 * width * elem  # weight, bias, running mean and variance
+    if activation is not None:
+        total += _tensor_bytes(activation)
+    return total

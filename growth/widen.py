@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
 
 from .analysis import ChannelAnalysis
-from .mapping import UnitMapping, axis_map, grown_layout
+from .errors import GrowthError
+from .limits import MAPPING_BYTES_PER_UNIT
+from .mapping import AxisMap, UnitMapping, axis_map, grown_layout, shape_mapping
 from .random import DeviceGenerators
 from .rules import ModuleUpdate, module_rule_for
+from .transform import AxisStep
 
 
 @dataclass
@@ -90,3 +94,87 @@ def compute_values(
             )
         out.append(PlannedModule(name, module, update, values))
     return out
+
+
+def grown_shape(shape: tuple[int, ...], steps: list[AxisStep]) -> tuple[int, ...]:
+    """The shape of a tensor of ``shape`` after ``steps`` (as ``transform.grow_value`` makes it)."""
+    new = list(shape)
+    for step in steps:
+        new[step.dim] = step.amap.new_size // step.groups
+    return tuple(new)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer | None, p: Tensor) -> list[Tensor]:
+    """The optimizer state tensors of ``p`` that grow with it (shaped like it)."""
+    if optimizer is None or not isinstance(p, nn.Parameter):
+        return []
+    state = optimizer.state.get(p) or {}
+    return [
+        v for v in state.values() if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape
+    ]
+
+
+def growth_bytes(
+    root: nn.Module,
+    analysis: ChannelAnalysis,
+    group: int,
+    new_units: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Bytes that growing ``group`` to ``new_units`` units would allocate; nothing is allocated.
+
+    The count covers the new value of every tensor that grows, the optimizer state that follows
+    it and the index maps of the mapping. The rules are asked with a mapping of ``meta`` tensors,
+    so the shapes are exactly those of the real operation. A rule that cannot work on ``meta``
+    tensors (it reads the mapping's values) gets a bound instead: every tensor of a coupled module
+    scaled by the growth of the dimensions it reads and writes.
+    """
+    info = analysis.spaces.info(group)
+    total = new_units * MAPPING_BYTES_PER_UNIT
+    try:
+        plans = plan_updates(
+            root, analysis, group, shape_mapping(info.width, new_units, info.groups)
+        )
+    except GrowthError:
+        raise
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError):
+        return total + _bound_bytes(root, analysis, group, new_units, optimizer)
+    maps: dict[int, AxisMap] = {}
+    for _, module, update in plans:
+        for tname, tgrowth in update.tensors.items():
+            old = getattr(*resolve(module, tname))
+            if old is None:
+                continue
+            numel = math.prod(grown_shape(tuple(old.shape), tgrowth.steps))
+            total += numel * old.element_size()
+            total += sum(numel * s.element_size() for s in _state_tensors(optimizer, old))
+            for step in tgrowth.steps:
+                maps[id(step.amap)] = step.amap
+    for amap in maps.values():
+        total += amap.new_size * (8 + 1 + amap.share.element_size())
+    return total
+
+
+def _bound_bytes(
+    root: nn.Module,
+    analysis: ChannelAnalysis,
+    group: int,
+    new_units: int,
+    optimizer: torch.optim.Optimizer | None,
+) -> int:
+    """Upper estimate of :func:`growth_bytes` from the layouts alone (no rule is asked)."""
+    spaces = analysis.spaces
+    total = 0
+    for name, nodes in analysis.module_nodes.items():
+        ratio = 1.0
+        for layout in (analysis.input_layout(nodes[0]), analysis.layouts.get(nodes[0])):
+            if layout is None or not any(spaces.find(s.space) == group for s in layout.segments):
+                continue
+            ratio *= grown_layout(layout, spaces, group, new_units).size / max(layout.size, 1)
+        if ratio == 1.0:
+            continue
+        module = root.get_submodule(name)
+        for t in [*module.parameters(), *module.buffers()]:
+            per = t.element_size() + sum(s.element_size() for s in _state_tensors(optimizer, t))
+            total += math.ceil(t.numel() * ratio) * per
+    return total
