@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, fx, nn
@@ -177,6 +177,10 @@ class GrowableNetwork(nn.Module):
         Number of samples kept for verification.
     """
 
+    #: Plain attributes of a subclass that checkpoints store and restore (numbers, strings,
+    #: tuples, sets): state the subclass gathers while it is used.
+    checkpoint_state: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self,
         model: nn.Module,
@@ -245,7 +249,7 @@ class GrowableNetwork(nn.Module):
         ``nn.Module`` containers are fine); nothing is traced again.
         """
         net = cls.__new__(cls)
-        nn.Module.__init__(net)
+        super(GrowableNetwork, net).__init__()  # the next class in the MRO, as __init__ does
         net._setup(root, graph, tuple(probe), tolerance, len(probe[0]), list(history))
         return net
 

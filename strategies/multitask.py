@@ -25,5 +25,7 @@ class MultiTaskGrowableNetwork(GrowableNetwork, MultiTaskModule):
     known task (as LwF asks of multi-task models).
     """
 
+    checkpoint_state = ("max_class_label", "known_train_tasks_labels")
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return GrowableNetwork.forward(self, *args, **kwargs)

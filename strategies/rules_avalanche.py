@@ -23,6 +23,7 @@ from torch import nn
 from growth import GrowableNetwork, GrowthError
 from growth.rules import (
     ModuleRule,
+    ModuleSpec,
     ModuleUpdate,
     TensorGrowth,
     module_rule_for,
@@ -81,6 +82,35 @@ class MultiHeadClassifierRule(_InputOnlyRule):
         return update
 
 
+# --- checkpoints ---------------------------------------------------------------------------------
+#: How a checkpoint rebuilds an ``IncrementalClassifier``: at its current size (its ``classifier``
+#: and ``active_units`` are then loaded from the file).
+INCREMENTAL_CLASSIFIER_SPEC = ModuleSpec(
+    ("in_features", "initial_out_features", "masking", "mask_value", "auto_adapt"),
+    read=lambda m: {
+        "in_features": m.classifier.in_features,
+        "initial_out_features": m.classifier.out_features,
+        "masking": m.masking,
+        "mask_value": m.mask_value,
+        "auto_adapt": m._auto_adapt,
+    },
+)
+
+#: A ``MultiHeadClassifier``: its task heads are its children in the file, the class counts and
+#: the tasks it has seen are state, and it registers one ``active_units_T<task>`` buffer a task.
+MULTIHEAD_CLASSIFIER_SPEC = ModuleSpec(
+    ("in_features", "initial_out_features", "masking", "mask_value"),
+    read=lambda m: {
+        "in_features": m.in_features,
+        "initial_out_features": m.starting_out_features,
+        "masking": m.masking,
+        "mask_value": m.mask_value,
+    },
+    state=("max_class_label", "known_train_tasks_labels"),
+    dynamic_buffers=True,
+)
+
+
 # --- engine capability ----------------------------------------------------------------------------
 class _NestedProbe(nn.Module):
     """A module whose input is read by a submodule (for :func:`nested_paths_supported`)."""
@@ -118,8 +148,12 @@ def register_avalanche_rules() -> bool:
     """Register the head rules if the engine supports them; True when registered."""
     if not nested_paths_supported():
         return False
-    register_module_rule(IncrementalClassifier, IncrementalClassifierRule())
-    register_module_rule(MultiHeadClassifier, MultiHeadClassifierRule())
+    register_module_rule(
+        IncrementalClassifier, IncrementalClassifierRule(), spec=INCREMENTAL_CLASSIFIER_SPEC
+    )
+    register_module_rule(
+        MultiHeadClassifier, MultiHeadClassifierRule(), spec=MULTIHEAD_CLASSIFIER_SPEC
+    )
     return True
 
 

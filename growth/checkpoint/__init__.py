@@ -11,7 +11,8 @@ allow-lists in :mod:`.allowlist`: functions with a growth rule, pure tensor meth
 attributes, plain names. A file can therefore make loading fail with a :class:`GrowthError`, or
 describe a network that computes nonsense, but it cannot run code of its choosing, reach a Python
 object, attribute or module outside those lists, or make loading allocate an intermediate tensor
-over :data:`~.rebuild.MAX_PROBE_ELEMENTS` elements (the graph first runs on ``meta``).
+over :data:`~.rebuild.MAX_PROBE_ELEMENTS` elements (each call of the first run is tried on
+``meta`` before it runs for real).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 
 from ..errors import GrowthError
 from ..network import GrowableNetwork
+from .allowlist import network_type
+from .codec import decode
 from .describe import describe
 from .fileformat import FORMAT_VERSION, PathLike, read_payload, write_payload
 from .rebuild import build_graph, build_history, build_tree, dry_run
@@ -204,7 +207,13 @@ def load_checkpoint(path: PathLike, map_location: Any = None) -> Checkpoint:
         tolerance = data.get("tolerance")
         if not isinstance(tolerance, float):
             raise GrowthError("malformed checkpoint: no tolerance")
-        net = GrowableNetwork.from_graph(root, graph, probe, tolerance=tolerance, history=history)
+        cls = network_type(data.get("network_class"))
+        state = data.get("network_state") or {}
+        if not isinstance(state, dict) or any(k not in cls.checkpoint_state for k in state):
+            raise GrowthError(f"malformed checkpoint: network state {state!r} of {cls.__name__}")
+        net = cls.from_graph(root, graph, probe, tolerance=tolerance, history=history)
+        for key, value in state.items():
+            setattr(net, key, decode(value))
         model_class = data.get("model_class")
         if not isinstance(model_class, str):
             raise GrowthError("malformed checkpoint: no model class name")

@@ -47,6 +47,7 @@ __all__ = [
     "container_type",
     "function_name",
     "layer_type",
+    "network_type",
     "resolve_function",
     "type_key",
 ]
@@ -157,13 +158,35 @@ def layer_type(key: Any, path: str) -> type[nn.Module]:
     if cls is None or module_spec_for(cls) is None:
         hint = ""
         if isinstance(key, str) and "." in key and not key.startswith("torch"):
-            hint = f" (if {key.rpartition('.')[0]} registers it, import that package first)"
+            hint = (
+                "; a type from another package is registered by the code that supports it: "
+                "import that code before loading (for Avalanche's heads: import strategies)"
+            )
         raise _refuse(
             f"builds module {path!r} of type",
             key,
             f"only layer types registered with a growth rule and a checkpoint spec{hint}",
         )
     return cls
+
+
+def network_type(key: Any) -> type:
+    """The ``GrowableNetwork`` class a file names: the engine's own or an imported subclass."""
+    from ..network import GrowableNetwork
+
+    if key is None:
+        return GrowableNetwork
+    classes, todo = {}, [GrowableNetwork]
+    while todo:
+        cls = todo.pop()
+        classes[type_key(cls)] = cls
+        todo.extend(cls.__subclasses__())
+    if isinstance(key, str) and key in classes:
+        return classes[key]
+    hint = ""
+    if isinstance(key, str) and "." in key:
+        hint = f"; import {key.rpartition('.')[0].partition('.')[0]} before loading"
+    raise _refuse("is a network of class", key, f"GrowableNetwork or a subclass imported{hint}")
 
 
 def container_type(key: Any, path: str) -> type[nn.Module]:

@@ -267,6 +267,11 @@ def describe(
         "version": FORMAT_VERSION,
         "torch_version": str(torch.__version__),
         "model_class": str(net.model_class),
+        "network_class": type_key(type(net)),
+        "network_state": {
+            k: encode(getattr(net, k), f"attribute {k!r} of the network")
+            for k in type(net).checkpoint_state
+        },
         "tolerance": float(net.tolerance),
         "graph": graph,
         "modules": modules,

@@ -3,10 +3,10 @@
 Each value is checked against :mod:`growth.checkpoint.allowlist` before it is used: types
 and arguments of layers, names of modules, tensors and attributes, functions, methods and the
 arguments of ``getattr``/``getitem``. Modules are walked through their ``_modules`` tables, never
-through ``getattr``. Before the graph runs on real tensors it runs once on the ``meta`` device
-(shapes only, nothing allocated), where every intermediate is checked against
-:data:`MAX_PROBE_ELEMENTS` and every method, ``getattr`` and ``getitem`` against the kind of
-value it acts on.
+through ``getattr``. The first run of the graph on the probe checks every method, ``getattr``
+and ``getitem`` against the kind of value it acts on, and runs each call on the ``meta`` device
+(shapes only, nothing allocated) before running it for real, refusing any result over
+:data:`MAX_PROBE_ELEMENTS` elements.
 """
 
 from __future__ import annotations
@@ -336,11 +336,19 @@ def _on_meta(root: nn.Module) -> Iterator[None]:
             table[key] = value
 
 
+def _meta(value: Any) -> Any:
+    return torch.empty_like(value, device="meta") if isinstance(value, Tensor) else value
+
+
 class _Checked(fx.Interpreter):
-    """Runs the graph on ``meta`` tensors, checking the kind and size of every value."""
+    """Runs the graph on the probe, checking the kind of value every method, ``getattr`` and
+    ``getitem`` acts on, and, before each call, the size of what it will return: the call runs
+    first on ``meta`` twins of its inputs (nothing allocated); only a registered layer or
+    allow-listed op that has no ``meta`` kernel (its output's shape depends on values, e.g.
+    ``torch.unique``) runs unchecked."""
 
     def run_node(self, n: fx.Node) -> Any:
-        args, _ = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.op == "call_method" and not isinstance(args[0], Tensor):
             raise GrowthError(
                 f"the checkpoint calls method {n.target!r} on a {type(args[0]).__name__}; "
@@ -348,13 +356,25 @@ class _Checked(fx.Interpreter):
             )
         if n.op == "call_function" and n.target is getattr and not isinstance(args[0], Tensor):
             raise GrowthError(f"the checkpoint reads {args[1]!r} of a {type(args[0]).__name__}")
-        if (
-            n.op == "call_function"
-            and n.target is operator.getitem
-            and not isinstance(args[0], (Tensor, torch.Size, tuple, list))
+        if n.op == "call_function" and n.target is operator.getitem and not isinstance(
+            args[0], (Tensor, torch.Size, tuple, list)
         ):
             raise GrowthError(f"the checkpoint indexes a {type(args[0]).__name__}")
-        out = super().run_node(n)
+        if n.op in ("call_function", "call_method", "call_module"):
+            self._check_size(n, args, kwargs)
+        return super().run_node(n)
+
+    def _check_size(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        meta_args, meta_kwargs = fx.node.map_aggregate((args, kwargs), _meta)
+        try:
+            if n.op == "call_module":
+                module = self.fetch_attr(str(n.target))
+                with _on_meta(module):
+                    out = module(*meta_args, **meta_kwargs)
+            else:
+                out = getattr(self, n.op)(n.target, meta_args, meta_kwargs)
+        except Exception:  # no meta kernel, or the real call fails the same way below
+            return
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, Tensor) and t.numel() > MAX_PROBE_ELEMENTS:
                 raise GrowthError(
@@ -362,17 +382,15 @@ class _Checked(fx.Interpreter):
                     f"{n.name!r} from its probe batch (limit growth.checkpoint.rebuild."
                     f"MAX_PROBE_ELEMENTS = {MAX_PROBE_ELEMENTS:,}; raise it if you trust the file)"
                 )
-        return out
 
 
 def dry_run(root: nn.Module, graph: fx.Graph, probe: list[Tensor]) -> None:
-    """Run ``graph`` over ``root`` on the probe's shapes, on ``meta``: nothing is allocated."""
+    """Run ``graph`` over ``root`` on the probe in eval mode, every call checked first."""
     modes = {m: m.training for m in root.modules()}
-    meta_probe = [torch.empty_like(t, device="meta") for t in probe]
     try:
-        with _on_meta(root), torch.no_grad():
+        with torch.no_grad():
             root.eval()
-            _Checked(root, graph=graph).run(*meta_probe)
+            _Checked(root, graph=graph).run(*probe)
     except GrowthError:
         raise
     except Exception as exc:
