@@ -20,55 +20,21 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import GrowthError
-from .rules import module_rule_for
-from .rules._infra import PassThroughRule
+from .rules import (
+    ActivationFunction,
+    ActivationRule,
+    PassThroughRule,
+    function_rule_for,
+    module_rule_for,
+    module_spec_for,
+)
 from .rules.functions import Unary
 from .rules.norm import ChannelwiseRule
 
 KINDS = ("identity", "residual")
-
-#: Activations idempotent on their own outputs: f(f(x)) == f(x).
-IDEMPOTENT = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
-
-_FUNCTIONAL_ACTIVATIONS = {
-    F.relu: nn.ReLU,
-    F.relu_: nn.ReLU,
-    torch.relu: nn.ReLU,
-    torch.relu_: nn.ReLU,
-    F.relu6: nn.ReLU6,
-    F.gelu: nn.GELU,
-    F.silu: nn.SiLU,
-    F.elu: nn.ELU,
-    F.selu: nn.SELU,
-    F.leaky_relu: nn.LeakyReLU,
-    F.hardswish: nn.Hardswish,
-    F.mish: nn.Mish,
-    F.softplus: nn.Softplus,
-    torch.sigmoid: nn.Sigmoid,
-    F.sigmoid: nn.Sigmoid,
-    torch.tanh: nn.Tanh,
-    F.tanh: nn.Tanh,
-    F.hardtanh: nn.Hardtanh,
-    "relu": nn.ReLU,
-    "relu_": nn.ReLU,
-    "sigmoid": nn.Sigmoid,
-    "sigmoid_": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "tanh_": nn.Tanh,
-}
-_NOT_ACTIVATIONS = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-
 
 @dataclass
 class Chain:
@@ -84,21 +50,17 @@ def _activation_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
     """A fresh module computing ``node``'s activation, or None if ``node`` is no activation."""
     if node.op == "call_module":
         m = root.get_submodule(str(node.target))
-        if isinstance(module_rule_for(m), PassThroughRule) and not isinstance(m, _NOT_ACTIVATIONS):
-            return copy.deepcopy(m)
-        return None
-    cls = _FUNCTIONAL_ACTIVATIONS.get(node.target)  # type: ignore[arg-type]
-    if cls is None:
-        return None
-    if cls is nn.LeakyReLU:
-        return nn.LeakyReLU(
-            node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-        )
-    if cls is nn.Hardtanh:
-        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-        return nn.Hardtanh(lo, hi)
-    return cls()
+        return copy.deepcopy(m) if isinstance(module_rule_for(m), ActivationRule) else None
+    rule = function_rule_for(node)
+    return rule.module(node) if isinstance(rule, ActivationFunction) else None
+
+
+def _is_pass_through(root: nn.Module, node: fx.Node) -> bool:
+    """A module that passes values on unchanged in eval mode (dropout, identity)."""
+    if node.op != "call_module":
+        return False
+    rule = module_rule_for(root.get_submodule(str(node.target)))
+    return isinstance(rule, PassThroughRule) and not isinstance(rule, ActivationRule)
 
 
 def _is_channelwise(root: nn.Module, node: fx.Node) -> bool:
@@ -106,8 +68,6 @@ def _is_channelwise(root: nn.Module, node: fx.Node) -> bool:
         rule = module_rule_for(root.get_submodule(str(node.target)))
         return isinstance(rule, (PassThroughRule, ChannelwiseRule))
     if node.op in ("call_function", "call_method"):
-        from .rules import function_rule_for
-
         return isinstance(function_rule_for(node), Unary)
     return False
 
@@ -127,9 +87,7 @@ def find_chain(root: nn.Module, start: fx.Node) -> Chain:
         if act is not None:
             activation, act_last = act, True
             continue
-        is_dropout = nxt.op == "call_module" and isinstance(
-            root.get_submodule(str(nxt.target)), _NOT_ACTIVATIONS
-        )
+        is_dropout = _is_pass_through(root, nxt)
         if nxt.op == "call_module" and isinstance(
             root.get_submodule(str(nxt.target)), nn.modules.batchnorm._BatchNorm
         ):
@@ -140,11 +98,17 @@ def find_chain(root: nn.Module, start: fx.Node) -> Chain:
 
 
 def _same_activation(a: nn.Module, b: nn.Module) -> bool:
+    """Same type and the same constructor arguments (``inplace`` aside)."""
     if type(a) is not type(b):
         return False
-    if isinstance(a, nn.Hardtanh):
-        return (a.min_val, a.max_val) == (b.min_val, b.max_val)
-    return True
+    spec = module_spec_for(type(a))
+    args = [n for n in (spec.args if spec else ()) if n != "inplace"]
+    return all(getattr(a, n) == getattr(b, n) for n in args)
+
+
+def _idempotent(module: nn.Module) -> bool:
+    rule = module_rule_for(module)
+    return isinstance(rule, ActivationRule) and rule.idempotent
 
 
 def check_identity_exact(name: str, chain: Chain, new_act: nn.Module | None) -> None:
@@ -152,7 +116,7 @@ def check_identity_exact(name: str, chain: Chain, new_act: nn.Module | None) -> 
     if new_act is None or isinstance(new_act, nn.Identity):
         return
     ok = (
-        isinstance(new_act, IDEMPOTENT)
+        _idempotent(new_act)
         and chain.activation is not None
         and chain.activation_is_last
     )

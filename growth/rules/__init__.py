@@ -26,6 +26,7 @@ from ._infra import (
     PassThroughRule,
     TensorGrowth,
 )
+from .activation import ActivationFunction, ActivationRule
 from .conv import ConvRule, is_depthwise
 from .elementwise import FlattenRule, SoftmaxRule, SpatialRule
 from .functions import (
@@ -45,6 +46,8 @@ from .linear import EmbeddingRule, LinearRule
 from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
 
 __all__ = [
+    "ActivationFunction",
+    "ActivationRule",
     "FunctionRule",
     "ModuleRule",
     "ModuleSpec",
@@ -180,25 +183,22 @@ _BUILTIN_LAYERS: list[tuple[tuple[type[nn.Module], ...], ModuleRule, tuple[str, 
         ("num_groups", "num_channels", "eps", "affine", "bias"),
         _BIAS_DEFAULT,
     ),
-    # activations and dropout: act on each channel alike
+    # activations, dropout and identity: act on each channel alike
+    ((nn.ReLU, nn.ReLU6), ActivationRule(idempotent=True), _INPLACE, {}),
+    ((nn.Hardtanh,), ActivationRule(idempotent=True), ("min_val", "max_val", "inplace"), {}),
+    ((nn.SiLU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish), ActivationRule(), _INPLACE, {}),
+    ((nn.LeakyReLU,), ActivationRule(), ("negative_slope", "inplace"), {}),
+    ((nn.GELU,), ActivationRule(), ("approximate",), {}),
+    ((nn.ELU, nn.CELU), ActivationRule(), ("alpha", "inplace"), {}),
+    ((nn.Softplus,), ActivationRule(), ("beta", "threshold"), {}),
+    ((nn.Threshold,), ActivationRule(), ("threshold", "value", "inplace"), {}),
     (
-        (nn.ReLU, nn.ReLU6, nn.SiLU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish),
-        PassThroughRule(),
-        _INPLACE,
-        {},
-    ),
-    ((nn.LeakyReLU,), PassThroughRule(), ("negative_slope", "inplace"), {}),
-    ((nn.GELU,), PassThroughRule(), ("approximate",), {}),
-    ((nn.ELU, nn.CELU), PassThroughRule(), ("alpha", "inplace"), {}),
-    ((nn.Hardtanh,), PassThroughRule(), ("min_val", "max_val", "inplace"), {}),
-    ((nn.Softplus,), PassThroughRule(), ("beta", "threshold"), {}),
-    ((nn.Threshold,), PassThroughRule(), ("threshold", "value", "inplace"), {}),
-    (
-        (nn.Tanh, nn.Sigmoid, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity),
-        PassThroughRule(),
+        (nn.Tanh, nn.Sigmoid, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid),
+        ActivationRule(),
         (),
         {},
     ),
+    ((nn.Identity,), PassThroughRule(), (), {}),
     (
         (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
         PassThroughRule(),
@@ -256,147 +256,99 @@ _BUILTIN_LAYERS: list[tuple[tuple[type[nn.Module], ...], ModuleRule, tuple[str, 
 ]
 
 
+_RELU, _SIGMOID, _TANH = (ActivationFunction(t) for t in (nn.ReLU, nn.Sigmoid, nn.Tanh))
+_UNARY, _ELEMENTWISE, _SPATIAL = Unary(), Elementwise(), Spatial()
+_RESHAPE, _REDUCE, _PERMUTE = Reshape(), Reduce(), Permute()
+_SQUEEZE, _SOFTMAX, _NON_TENSOR = Squeeze(), Softmax(), NonTensor()
+
+# fmt: off
+#: The built-in functions: (functions, rule).
+_BUILTIN_FUNCTIONS: list[tuple[tuple[Callable, ...], FunctionRule]] = [
+    ((F.relu, F.relu_, torch.relu, torch.relu_), _RELU),
+    ((F.relu6,), ActivationFunction(nn.ReLU6)),
+    ((F.gelu,), ActivationFunction(nn.GELU, ("approximate",))),
+    ((F.silu,), ActivationFunction(nn.SiLU)),
+    ((F.elu,), ActivationFunction(nn.ELU, ("alpha",))),
+    ((F.selu,), ActivationFunction(nn.SELU)),
+    ((F.leaky_relu,), ActivationFunction(nn.LeakyReLU, ("negative_slope",))),
+    ((F.hardswish,), ActivationFunction(nn.Hardswish)),
+    ((F.mish,), ActivationFunction(nn.Mish)),
+    ((F.softplus,), ActivationFunction(nn.Softplus, ("beta", "threshold"))),
+    ((torch.sigmoid, F.sigmoid), _SIGMOID),
+    ((torch.tanh, F.tanh), _TANH),
+    ((F.hardtanh,), ActivationFunction(nn.Hardtanh, ("min_val", "max_val"))),
+    (
+        (
+            F.celu, F.hardsigmoid, F.softsign, F.logsigmoid, F.tanhshrink,
+            F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+            torch.abs, torch.exp, torch.neg, operator.neg, torch.clamp, torch.square,
+            torch.sqrt, torch.pow, operator.pow,
+        ),
+        _UNARY,
+    ),
+    (
+        (
+            operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+            operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+            torch.maximum, torch.minimum, torch.where,
+        ),
+        _ELEMENTWISE,
+    ),
+    (
+        (
+            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+            F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+            F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+        ),
+        _SPATIAL,
+    ),
+    ((torch.cat, torch.concat, torch.concatenate), Cat()),
+    ((torch.flatten,), Flatten()),
+    ((torch.reshape,), _RESHAPE),
+    ((torch.mean, torch.sum, torch.amax), _REDUCE),
+    ((torch.permute, torch.transpose, torch.movedim), _PERMUTE),
+    ((torch.squeeze, torch.unsqueeze), _SQUEEZE),
+    ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), _SOFTMAX),
+    ((getattr,), _NON_TENSOR),
+    ((operator.getitem,), _GetItem()),
+]
+
+#: The built-in tensor methods: (names, rule).
+_BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
+    (("relu", "relu_"), _RELU),
+    (("sigmoid", "sigmoid_"), _SIGMOID),
+    (("tanh", "tanh_"), _TANH),
+    (
+        (
+            "exp", "abs", "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "pow", "sqrt",
+            "square", "mul_", "div_", "contiguous", "clone", "detach", "float", "double",
+            "half", "bfloat16", "to", "type_as",
+        ),
+        _UNARY,
+    ),
+    (("add", "add_", "sub", "sub_", "mul", "div", "maximum", "minimum"), _ELEMENTWISE),
+    (("flatten",), Flatten()),
+    (("view", "reshape"), _RESHAPE),
+    (("mean", "sum", "amax"), _REDUCE),
+    (("permute", "transpose", "movedim"), _PERMUTE),
+    (("squeeze", "unsqueeze"), _SQUEEZE),
+    (("softmax", "log_softmax"), _SOFTMAX),
+    (("size", "dim", "numel"), _NON_TENSOR),
+]
+# fmt: on
+
+
 def _register_builtins() -> None:
     for types, rule, args, omit in _BUILTIN_LAYERS:
         for t in types:
             register_module_rule(t, rule, spec=ModuleSpec(args, omit_if_default=dict(omit)))
 
-    unary = Unary()
-    for fn in (
-        F.relu,
-        F.relu_,
-        torch.relu,
-        torch.relu_,
-        F.relu6,
-        F.gelu,
-        F.silu,
-        F.elu,
-        F.selu,
-        F.celu,
-        F.leaky_relu,
-        F.hardtanh,
-        F.hardswish,
-        F.hardsigmoid,
-        F.mish,
-        F.softplus,
-        F.softsign,
-        F.logsigmoid,
-        F.tanhshrink,
-        torch.sigmoid,
-        torch.tanh,
-        F.sigmoid,
-        F.tanh,
-        F.dropout,
-        F.dropout1d,
-        F.dropout2d,
-        F.dropout3d,
-        F.alpha_dropout,
-        torch.abs,
-        torch.exp,
-        torch.neg,
-        operator.neg,
-        torch.clamp,
-        torch.square,
-        torch.sqrt,
-        torch.pow,
-        operator.pow,
-    ):
-        register_function_rule(fn, unary)
-    for name in (
-        "relu",
-        "relu_",
-        "sigmoid",
-        "sigmoid_",
-        "tanh",
-        "tanh_",
-        "exp",
-        "abs",
-        "neg",
-        "clamp",
-        "clamp_",
-        "clamp_min",
-        "clamp_max",
-        "contiguous",
-        "clone",
-        "detach",
-        "float",
-        "double",
-        "half",
-        "bfloat16",
-        "to",
-        "type_as",
-        "pow",
-        "sqrt",
-        "square",
-        "mul_",
-        "div_",
-    ):
-        register_method_rule(name, unary)
-    elementwise = Elementwise()
-    for fn in (
-        operator.add,
-        operator.iadd,
-        operator.sub,
-        operator.isub,
-        operator.mul,
-        operator.imul,
-        operator.truediv,
-        operator.itruediv,
-        torch.add,
-        torch.sub,
-        torch.mul,
-        torch.div,
-        torch.maximum,
-        torch.minimum,
-        torch.where,
-    ):
-        register_function_rule(fn, elementwise)
-    for name in ("add", "add_", "sub", "sub_", "mul", "div", "maximum", "minimum"):
-        register_method_rule(name, elementwise)
-    spatial_fn = Spatial()
-    for fn in (
-        F.max_pool1d,
-        F.max_pool2d,
-        F.max_pool3d,
-        F.avg_pool1d,
-        F.avg_pool2d,
-        F.avg_pool3d,
-        F.adaptive_avg_pool1d,
-        F.adaptive_avg_pool2d,
-        F.adaptive_avg_pool3d,
-        F.adaptive_max_pool1d,
-        F.adaptive_max_pool2d,
-        F.adaptive_max_pool3d,
-        F.interpolate,
-    ):
-        register_function_rule(fn, spatial_fn)
-    for fn in (torch.cat, torch.concat, torch.concatenate):
-        register_function_rule(fn, Cat())
-    register_function_rule(torch.flatten, Flatten())
-    register_method_rule("flatten", Flatten())
-    for name in ("view", "reshape"):
-        register_method_rule(name, Reshape())
-    register_function_rule(torch.reshape, Reshape())
-    for fn in (torch.mean, torch.sum, torch.amax):
-        register_function_rule(fn, Reduce())
-    for name in ("mean", "sum", "amax"):
-        register_method_rule(name, Reduce())
-    for fn in (torch.permute, torch.transpose, torch.movedim):
-        register_function_rule(fn, Permute())
-    for name in ("permute", "transpose", "movedim"):
-        register_method_rule(name, Permute())
-    for name in ("squeeze", "unsqueeze"):
-        register_method_rule(name, Squeeze())
-    for fn in (torch.squeeze, torch.unsqueeze):
-        register_function_rule(fn, Squeeze())
-    for fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
-        register_function_rule(fn, Softmax())
-    for name in ("softmax", "log_softmax"):
-        register_method_rule(name, Softmax())
-    register_function_rule(getattr, NonTensor())
-    for name in ("size", "dim", "numel"):
-        register_method_rule(name, NonTensor())
-    register_function_rule(operator.getitem, _GetItem())
+    for functions, rule in _BUILTIN_FUNCTIONS:
+        for fn in functions:
+            register_function_rule(fn, rule)
+    for names, rule in _BUILTIN_METHODS:
+        for name in names:
+            register_method_rule(name, rule)
 
 
 _register_builtins()
