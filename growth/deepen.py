@@ -16,13 +16,18 @@ match the stored ones; they are updated as training goes on, like any BatchNorm.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
-from .errors import GrowthError
+from . import limits
+from .changes import GrowthChanges
+from .errors import REGISTER_HINT, GrowthError, UnsupportedLayerError
+from .optim import add_params, remove_params
 from .rules import (
     ActivationFunction,
     ActivationRule,
@@ -33,8 +38,13 @@ from .rules import (
 )
 from .rules.functions import Unary
 from .rules.norm import ChannelwiseRule
+from .verify import check_preserved, eval_mode, exact_float32, reference_output
+
+if TYPE_CHECKING:
+    from .network import GrowableNetwork
 
 KINDS = ("identity", "residual")
+
 
 @dataclass
 class Chain:
@@ -115,11 +125,7 @@ def check_identity_exact(name: str, chain: Chain, new_act: nn.Module | None) -> 
     """Refuse an identity insertion that cannot be exact, saying why."""
     if new_act is None or isinstance(new_act, nn.Identity):
         return
-    ok = (
-        _idempotent(new_act)
-        and chain.activation is not None
-        and chain.activation_is_last
-    )
+    ok = _idempotent(new_act) and chain.activation is not None and chain.activation_is_last
     if ok:
         ok = _same_activation(new_act, chain.activation) or (
             isinstance(new_act, nn.ReLU) and isinstance(chain.activation, (nn.ReLU6,))
@@ -161,21 +167,187 @@ def channel_stats(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     return x.mean(dims), x.var(dims, unbiased=False)
 
 
-def insert_after(graph: fx.Graph, anchor: fx.Node, targets: list[str], residual: bool) -> fx.Node:
-    """Insert ``call_module`` nodes for ``targets`` after ``anchor`` (and ``anchor + g`` when
-    ``residual``); every former user of ``anchor`` now reads the new output."""
+def insert_after(graph: fx.Graph, anchor: fx.Node, targets: list[str], residual: bool) -> fx.Graph:
+    """A copy of ``graph`` with ``call_module`` nodes for ``targets`` after ``anchor`` (and
+    ``anchor + g`` when ``residual``); every former user of ``anchor`` reads the new output."""
+    new_graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    new_graph.output(new_graph.graph_copy(graph, val_map))
+    anchor = val_map[anchor]
     users = list(anchor.users)
-    with graph.inserting_after(anchor):
-        node = anchor
-        new_nodes = []
-        for t in targets:
-            with graph.inserting_after(node):
-                node = graph.call_module(t, (node,))
-            new_nodes.append(node)
-        if residual:
-            with graph.inserting_after(node):
-                node = graph.call_function(operator.add, (anchor, node))
-            new_nodes.append(node)
+    node = anchor
+    for t in targets:
+        with new_graph.inserting_after(node):
+            node = new_graph.call_module(t, (node,))
+    if residual:
+        with new_graph.inserting_after(node):
+            node = new_graph.call_function(operator.add, (anchor, node))
     for user in users:
         user.replace_input_with(anchor, node)
-    return node
+    return new_graph
+
+
+def deepen(
+    net: GrowableNetwork,
+    name: str,
+    *,
+    kind: str,
+    activation: nn.Module | None,
+    verify: bool,
+    optimizer: torch.optim.Optimizer | None,
+    limit: float,
+) -> tuple[float | None, dict[str, Any], GrowthChanges]:
+    """Insert a new layer of ``kind`` after layer ``name`` of ``net`` (and its chain).
+
+    The arguments have been checked (``GrowableNetwork.deepen``). Returns the largest output
+    change on the probe batch (None when not verified), the record's details and the changes,
+    which the caller records. A refusal raises :class:`GrowthError` with ``net`` and
+    ``optimizer`` as they were.
+    """
+    module, rule = net._layer_rule(name)
+    nodes = net.analysis.module_nodes[name]
+    if len(nodes) != 1:
+        raise GrowthError(
+            f"{name!r} is called {len(nodes)} times in forward; deepen a layer called once"
+        )
+    width = int(rule.width(module))
+    chain = find_chain(net, nodes[0])
+    new_act = activation if activation is not None else chain.activation
+    if kind == "identity":
+        check_identity_exact(name, chain, new_act)
+    try:
+        needed = deepen_bytes(rule, module, width, kind, chain.norm is not None, new_act)
+    except GrowthError as exc:
+        raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
+    limits.check_growth_bytes(needed, limit, f"deepen({name!r}) at width {width}")
+    try:
+        layer = rule.square_like(module, width)
+    except GrowthError as exc:
+        raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
+    if layer is None:
+        raise UnsupportedLayerError(
+            f"{name!r} ({type(module).__name__}) has no identity rule, so nothing can be "
+            f"inserted after it; {REGISTER_HINT} (with square_like/set_identity)"
+        )
+    grown = net._modules.get("grown")
+    stem = _free_stem(grown, name.replace(".", "_"), kind)
+    if kind == "identity":
+        rule.set_identity(layer)
+        new_modules = [(stem, layer)]
+        if chain.norm is not None:
+            value = _probe_value(net, chain.nodes[-1])
+            mean, var = channel_stats(value, net.analysis.layouts[chain.nodes[-1]].dim)
+            new_modules.append((f"{stem}_bn", identity_norm(chain.norm, mean, var)))
+        if new_act is not None:
+            new_modules.append((f"{stem}_act", copy.deepcopy(new_act)))
+        targets = [f"grown.{n}" for n, _ in new_modules]
+    else:
+        block = nn.Module()
+        block.layer1 = layer
+        block.act = copy.deepcopy(new_act) if new_act is not None else nn.ReLU()
+        block.layer2 = rule.square_like(module, width)
+        with torch.no_grad():
+            for p in block.layer2.parameters():
+                p.zero_()
+        new_modules = [(stem, block)]
+        targets = [f"grown.{stem}.{c}" for c in ("layer1", "act", "layer2")]
+    for _, m in new_modules:
+        m.train(module.training)  # new layers follow the mode of the layer they extend
+    new_graph = insert_after(net.graph, chain.nodes[-1], targets, residual=kind == "residual")
+
+    before = reference_output(net) if verify else None
+    old_graph = net.graph
+    with net._atomic() as tx:
+        if grown is None:
+            grown = nn.Module()
+            grown.train(net.training)
+            tx.set_attr(net, "grown", grown)
+        for n, m in new_modules:
+            tx.set_attr(grown, n, m)
+        new_params = [p for _, m in new_modules for p in m.parameters()]
+        if optimizer is not None:
+            add_params(optimizer, new_params, module.weight)
+            tx.on_rollback(lambda: remove_params(optimizer, new_params))
+        tx.on_rollback(lambda: setattr(net, "_graph", old_graph))
+        net._graph = new_graph
+        net._recompile()
+        err = check_preserved(net, before, 0.0, name)
+    details = {
+        "kind": kind,
+        "inserted": [f"grown.{n}" for n, _ in new_modules],
+        "activation": type(new_act).__name__ if new_act is not None else None,
+    }
+    names = {id(p): n for n, p in net.named_parameters()}
+    return err, details, GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
+
+
+def _free_stem(grown: nn.Module | None, base: str, kind: str) -> str:
+    """The name of the next module inserted after layer ``base`` (its dots replaced)."""
+    taken = set(grown._modules) if grown is not None else set()
+    k = 1
+    while f"{base}_deep{k}" in taken or f"{base}_res{k}" in taken:
+        k += 1
+    return f"{base}_deep{k}" if kind == "identity" else f"{base}_res{k}"
+
+
+def _probe_value(net: GrowableNetwork, node: fx.Node) -> Tensor:
+    """The value ``node`` takes on ``net``'s probe batch (eval mode)."""
+    captured: dict[str, Tensor] = {}
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n is node:
+                captured["value"] = result
+            return result
+
+    with torch.no_grad(), eval_mode(net), exact_float32():
+        _Capture(net, graph=net.graph).run(*net.probe)
+    return captured["value"]
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data copied)."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else meta
+        )
+    return copy.deepcopy(module, memo)
+
+
+def deepen_bytes(
+    rule: Any,
+    module: nn.Module,
+    width: int,
+    kind: str,
+    with_norm: bool,
+    activation: nn.Module | None,
+) -> int:
+    """Bytes of the layers ``deepen`` would insert after ``module``, computed without building
+    them: the rule builds its layer from a ``meta`` copy of ``module`` (a bound when it cannot)."""
+    try:
+        layer = rule.square_like(_meta_copy(module), width)
+        one = 0 if layer is None else _tensor_bytes(layer)
+    except GrowthError:
+        raise
+    except Exception:  # a rule that cannot build on meta tensors: width x width per kernel tap
+        w = getattr(module, "weight", None)
+        if isinstance(w, Tensor):
+            one = (width * width * math.prod(w.shape[2:]) + width) * w.element_size()
+        else:
+            one = _tensor_bytes(module)
+    elem = next((p.element_size() for p in module.parameters()), 4)
+    total = one * (2 if kind == "residual" else 1)
+    if kind == "identity" and with_norm:
+        total += 4 * width * elem  # weight, bias, running mean and variance
+    if activation is not None:
+        total += _tensor_bytes(activation)
+    return total

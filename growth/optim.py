@@ -1,9 +1,9 @@
 """Keeping an optimizer usable and its state meaningful across growth.
 
 ``GrowableNetwork.widen/deepen(..., optimizer=opt)`` use this module; it is also usable on its own
-(:func:`remapped_state`, :func:`remap_after_growth` from a growth hook, :func:`add_params`,
-:func:`check_supported`) for code that grows the network
-first and fixes the optimizer after.
+(:func:`remapped_state`, :func:`remap_after_growth` or :func:`follow_growth` from a growth hook,
+:func:`add_params`, :func:`check_supported`) for code that grows the network first and fixes the
+optimizer after.
 
 Parameters keep their identity when they grow (their ``.data`` is replaced), so param groups stay
 valid; only the per-parameter state tensors need the unit mapping. How each state key scales
@@ -18,8 +18,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .changes import GrowthChanges
 from .errors import GrowthError
-from .hooks import GrowthChanges
+from .record import GrowthRecord
 from .transform import AxisStep, grow_state
 
 #: Power of the gradient each known state key accumulates: the key's value is scaled by
@@ -102,8 +103,9 @@ def remap_after_growth(
     """Fix ``optimizer`` after a growth it was not passed to (from a growth hook).
 
     Grown parameters keep their identity, so param groups stay valid; their state is remapped
-    with the operation's unit mapping. New parameters (``deepen``) are not added: use
-    :func:`add_params`.
+    with the operation's unit mapping (state already carried over, by a growth passed
+    ``optimizer=``, is left as it is). New parameters (``deepen``) are not added: use
+    :func:`add_params`, or :func:`follow_growth` which does both.
     """
     params = dict(network.named_parameters())
     for name, steps in changes.tensors.items():
@@ -113,6 +115,28 @@ def remap_after_growth(
         new = remapped_state(optimizer, p, steps, changes.init, changes.old_shapes.get(name))
         if new is not None:
             optimizer.state[p] = new
+
+
+def follow_growth(
+    optimizer: torch.optim.Optimizer,
+    network: nn.Module,
+    record: GrowthRecord,
+    changes: GrowthChanges,
+) -> None:
+    """Do for ``optimizer`` what ``optimizer=`` would have done, after a growth made without it.
+
+    Grown parameters' state is remapped (:func:`remap_after_growth`), and new parameters
+    (``deepen``) that ``optimizer`` does not hold yet join the param group of the deepened
+    layer's weight. Calling it after a growth that was passed ``optimizer=`` changes nothing. As a
+    growth hook: ``net.register_growth_hook(functools.partial(follow_growth, opt, net))``.
+    """
+    remap_after_growth(optimizer, network, changes)
+    params = dict(network.named_parameters())
+    new = [params[n] for n in changes.new_parameters if n in params]
+    missing = [p for p in new if param_group_of(optimizer, p) is None]
+    if missing:
+        like = getattr(network.get_submodule(record.layer), "weight", None)
+        add_params(optimizer, missing, like if isinstance(like, nn.Parameter) else None)
 
 
 def param_group_of(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict | None:

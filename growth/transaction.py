@@ -54,16 +54,25 @@ class Transaction:
 
 
 def swap_data(p: nn.Parameter, value: Tensor) -> None:
-    """Give ``p`` a new value (any shape), keeping its identity.
-
-    Autograd caches one gradient accumulator per parameter, with the parameter's shape; it is
-    kept alive by any graph still referenced (a ``loss`` from before growth) and would reject the
-    next gradient of the new shape. Setting data of another dtype first makes autograd drop it.
-    """
+    """Give ``p`` a new value (any shape), keeping its identity (and a fresh gradient accumulator
+    when the shape changes: :func:`drop_grad_accumulator`)."""
     if value.shape != p.shape:
-        other = torch.float64 if p.dtype != torch.float64 else torch.float32
-        p.data = torch.empty(0, dtype=other, device=p.device)
+        drop_grad_accumulator(p)
     p.data = value
+
+
+def drop_grad_accumulator(p: nn.Parameter) -> None:
+    """Make autograd build a new gradient accumulator for ``p``, whose shape changed.
+
+    Autograd caches one gradient accumulator per parameter, with the parameter's shape, while
+    anything holds it (the graph of a ``loss`` from before growth, a DDP wrapper's reducer); it
+    would reject the next gradient of the new shape. Autograd drops it when ``.data`` changes
+    dtype, so the data take another dtype for an instant (no copy is made).
+    """
+    data = p.data
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    p.data = torch.empty(0, dtype=other, device=data.device)
+    p.data = data
 
 
 def _restore_param(p: nn.Parameter, data: Tensor, grad: Tensor | None) -> None:

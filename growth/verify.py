@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from .errors import FunctionNotPreservedError, GrowthError
+from .tracing import ShapeRecorder
+
+if TYPE_CHECKING:
+    from .network import GrowableNetwork
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -77,3 +83,37 @@ def allowed_error(scale: float, tolerance: float, noise: float, dtype: torch.dty
         relative = max(tolerance, 8.0 * torch.finfo(dtype).eps)
     relative += 10.0 * noise
     return relative * max(scale, 1e-12)
+
+
+def reference_output(net: GrowableNetwork) -> Any:
+    """The output of ``net`` on its probe batch (eval mode), to compare with after a growth."""
+    with torch.no_grad(), eval_mode(net), exact_float32():
+        return net(*net.probe)
+
+
+def run_probe(net: GrowableNetwork) -> Any:
+    """Forward ``net``'s probe batch in eval mode, recording every node's shape; the output."""
+    with torch.no_grad(), eval_mode(net), exact_float32():
+        return ShapeRecorder(net, graph=net.graph).run(*net.probe)
+
+
+def check_preserved(net: GrowableNetwork, before: Any, noise: float, name: str) -> float | None:
+    """Re-record ``net``'s shapes on the probe and compare its output with ``before`` (None: not
+    verified); returns the largest difference, or raises if growing ``name`` changed it."""
+    try:
+        after = run_probe(net)
+    except Exception as exc:
+        raise GrowthError(
+            f"the network no longer runs after growing {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if before is None:
+        return None
+    err, scale = output_difference(before, after)
+    dtype = next(net.parameters()).dtype
+    if not err <= allowed_error(scale, net.tolerance, noise, dtype):
+        raise FunctionNotPreservedError(
+            f"growing {name!r} changed the outputs on the probe batch by {err:.3g} "
+            f"(output scale {scale:.3g}, tolerance {net.tolerance:g} relative); "
+            f"the network was restored"
+        )
+    return err

@@ -4,17 +4,131 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, fx, nn
 
+from . import limits
 from .analysis import ChannelAnalysis
+from .changes import GrowthChanges
 from .errors import GrowthError
+from .generators import DeviceGenerators
 from .limits import MAPPING_BYTES_PER_UNIT
-from .mapping import AxisMap, UnitMapping, axis_map, grown_layout, shape_mapping
-from .random import DeviceGenerators
+from .mapping import AxisMap, UnitMapping, axis_map, build_unit_mapping, grown_layout, shape_mapping
+from .optim import check_supported, remapped_state
 from .rules import ModuleUpdate, module_rule_for
-from .transform import AxisStep
+from .transform import AxisStep, grow_value
+from .verify import check_preserved, reference_output
+
+if TYPE_CHECKING:
+    from .network import GrowableNetwork
+
+
+def widen(
+    net: GrowableNetwork,
+    name: str,
+    new_width: int,
+    *,
+    init: str,
+    split: str,
+    noise: float,
+    generator: torch.Generator | None,
+    optimizer: torch.optim.Optimizer | None,
+    verify: bool,
+    limit: float,
+) -> tuple[float | None, dict[str, Any], GrowthChanges]:
+    """Give layer ``name`` of ``net`` ``new_width`` outputs; every coupled layer follows.
+
+    The arguments have been checked (``GrowableNetwork.widen``). Returns the largest output
+    change on the probe batch (None when not verified), the record's details and the changes,
+    which the caller records. A refusal raises :class:`GrowthError` with ``net`` and
+    ``optimizer`` as they were.
+    """
+    old_width = net.width(name)
+    blocked = net._blocked_reason(name)
+    if blocked is not None:
+        reason, error = blocked
+        raise error(f"cannot widen {name!r}: {reason}")
+    group, expand = net._group_of(name)
+    info = net.analysis.spaces.info(group)
+    if new_width % expand:
+        raise GrowthError(
+            f"{name!r} has {expand} output channels per input channel (depthwise multiplier): "
+            f"width must be a multiple of {expand}"
+        )
+    new_units = new_width // expand
+    if new_units % info.groups:
+        raise GrowthError(
+            f"{name!r} is coupled to a grouped convolution: width must be a multiple of "
+            f"{info.groups * expand} (it grows by whole groups), got {new_width}"
+        )
+    limits.check_growth_bytes(
+        growth_bytes(net, net.analysis, group, new_units, optimizer),
+        limit,
+        f"widen({name!r}) from {old_width} to {new_width} units",
+    )
+    gens = DeviceGenerators(generator)
+    mapping = build_unit_mapping(
+        info.width,
+        new_units,
+        groups=info.groups,
+        split=split,
+        generator=gens.mapping,
+        device=next(net.get_submodule(name).parameters()).device,
+    )
+    plans = plan_updates(net, net.analysis, group, mapping)
+    if optimizer is not None:
+        params = [getattr(*resolve(m, t)) for _, m, u in plans for t in u.tensors]
+        check_supported(optimizer, [p for p in params if isinstance(p, nn.Parameter)])
+    before = reference_output(net) if verify and init != "random" else None
+    planned = compute_values(plans, init=init, noise=noise, generators=gens)
+    prefix = {id(m): n for n, m in net.named_modules()}
+    changes = GrowthChanges(init=init)
+    with net._atomic() as tx:
+        for pm in planned:
+            for tname, value in pm.values.items():
+                owner, leaf = resolve(pm.module, tname)
+                p = getattr(owner, leaf)
+                full = f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
+                steps = pm.update.tensors[tname].steps
+                changes.tensors[full] = steps
+                changes.old_shapes[full] = tuple(p.shape)
+                if optimizer is not None and isinstance(p, nn.Parameter):
+                    new_state = remapped_state(optimizer, p, steps, init)
+                    if new_state is not None:
+                        tx.set_state(optimizer, p, new_state)
+                tx.set_tensor(owner, leaf, value)
+            for attr, value in pm.update.attrs.items():
+                tx.set_attr(*resolve(pm.module, attr), value)
+        if before is None:  # not verified: shapes follow from the layouts, no forward
+            _grow_recorded_shapes(net.analysis, group, new_units)
+            err = None
+        else:
+            err = check_preserved(net, before, noise, name)
+    details = {
+        "init": init,
+        "split": split,
+        "noise": noise,
+        "coupled": [pm.name for pm in planned],
+    }
+    return err, details, changes
+
+
+def _grow_recorded_shapes(analysis: ChannelAnalysis, group: int, new_units: int) -> None:
+    """Update every shape recorded in the graph after ``group`` grew to ``new_units`` units.
+
+    Widening changes only the channel dimension of the tensors that carry the group, by an
+    amount the analysis knows; the next analysis then runs without a forward pass.
+    """
+    for node, layout in analysis.layouts.items():
+        if layout is None or node.meta.get("shape") is None:
+            continue
+        new = grown_layout(layout, analysis.spaces, group, new_units).size
+        if new != layout.size:
+            shape = list(node.meta["shape"])
+            shape[layout.dim] = new
+            node.meta["shape"] = tuple(shape)
 
 
 @dataclass
@@ -75,8 +189,6 @@ def compute_values(
     generators: DeviceGenerators,
 ) -> list[PlannedModule]:
     """New values of every grown tensor, computed on the tensors' own device, nothing installed."""
-    from .transform import grow_value
-
     out = []
     for name, module, update in plans:
         values = {}

@@ -22,9 +22,9 @@ from _models import (
 )
 from torch import Tensor, nn
 
-import growth.network
 import growth.rules
 import growth.rules.norm
+import growth.widen
 from growth import (
     FunctionNotPreservedError,
     GrowableNetwork,
@@ -607,13 +607,13 @@ def test_broken_mapping_is_caught_and_rolled_back(monkeypatch) -> None:
     is detected by verification with the default tolerance."""
     net, opt, x = _trained_with_adam(11)
     osnap = _optimizer_snapshot(opt)
-    real = growth.network.build_unit_mapping
+    real = growth.widen.build_unit_mapping
 
     def undivided(*args, **kwargs) -> UnitMapping:
         m = real(*args, **kwargs)
         return UnitMapping(m.source, m.original, torch.ones_like(m.share))
 
-    monkeypatch.setattr(growth.network, "build_unit_mapping", undivided)
+    monkeypatch.setattr(growth.widen, "build_unit_mapping", undivided)
     refused(
         net,
         x,
@@ -635,13 +635,13 @@ def test_broken_mapping_is_caught_in_bfloat16(monkeypatch) -> None:
     torch.manual_seed(16)
     x = torch.randn(16, 6).bfloat16()
     net = GrowableNetwork(mlp([6, 10, 10, 4], nn.Tanh).bfloat16(), x)
-    real = growth.network.build_unit_mapping
+    real = growth.widen.build_unit_mapping
 
     def undivided(*args, **kwargs) -> UnitMapping:
         m = real(*args, **kwargs)
         return UnitMapping(m.source, m.original, torch.ones_like(m.share))
 
-    monkeypatch.setattr(growth.network, "build_unit_mapping", undivided)
+    monkeypatch.setattr(growth.widen, "build_unit_mapping", undivided)
     refused(net, x, FunctionNotPreservedError, r"growing '0' changed the outputs", "0", 20)
 
 

@@ -1,5 +1,9 @@
-"""Growth hooks: code that keeps per-parameter tensors of its own (EWC importances, SI
-trajectories, EMA copies) learns after each operation exactly how every parameter grew."""
+"""What one growth operation changed, for code that keeps per-parameter tensors of its own.
+
+Growth hooks (``GrowableNetwork.register_growth_hook``) receive a :class:`GrowthChanges` after each
+operation, so that EWC importances, SI trajectories, EMA copies or optimizer state can follow
+exactly how every parameter grew.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +43,4 @@ class GrowthChanges:
 
 
 GrowthHook = Callable[[GrowthRecord, GrowthChanges], None]
+"""Called as ``hook(record, changes)`` after every successful widen/deepen."""
