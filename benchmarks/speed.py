@@ -7,7 +7,7 @@ one run on the CPU (and the CUDA device when there is one):
 - ``forward_ms``: one forward pass of the example batch (verification runs the probe through it);
 - ``trace_ms``: ``GrowableNetwork`` construction (torch.fx trace + shape recording);
 - ``widen_ms`` / ``widen_verify_ms``: widening an inner layer by 1.5x, ``verify=False`` / ``True``;
-- ``deepen_ms`` / ``deepen_verify_ms``: ``deepen(kind="identity")`` where the engine has it;
+- ``deepen_ms`` / ``deepen_verify_ms``: ``deepen(kind="identity")`` (an identity layer after it);
 - ``widen/clone``: ``widen_ms / clone_ms``.
 
 Every time is the median over ``--repeats`` runs, each on a fresh copy of the network.
@@ -203,16 +203,15 @@ def measure(case: Case, device: torch.device, repeats: int, seed: int) -> dict[s
     row["widen/clone"] = row["widen_ms"] / row["clone_ms"] if row["clone_ms"] else None
 
     row["deepen_ms"] = row["deepen_verify_ms"] = None
-    if hasattr(GrowableNetwork, "deepen"):
-        for verify, key in ((False, "deepen_ms"), (True, "deepen_verify_ms")):
-            try:
-                times, _ = _grow_times(
-                    net, lambda n, v=verify: n.deepen(case.layer, kind="identity", verify=v),
-                    device, repeats, warmup,
-                )
-                row[key] = _median(times)
-            except GrowthError as exc:
-                row.setdefault("notes", []).append(f"deepen: {type(exc).__name__}: {exc}")
+    for verify, key in ((False, "deepen_ms"), (True, "deepen_verify_ms")):
+        try:
+            times, _ = _grow_times(
+                net, lambda n, v=verify: n.deepen(case.layer, kind="identity", verify=v),
+                device, repeats, warmup,
+            )
+            row[key] = _median(times)
+        except GrowthError as exc:
+            row.setdefault("notes", []).append(f"deepen: {type(exc).__name__}: {exc}")
     return row
 
 
@@ -318,7 +317,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                  "devices": [str(d) for d in devices], "threads": torch.get_num_threads()},
         "factor": FACTOR,
         "units": "milliseconds, median over repeats; widen/clone = widen_ms / clone_ms",
-        "deepen_available": hasattr(GrowableNetwork, "deepen"),
         "errors": errors,
     }
     paths = write_results("speed", payload, rows, COLUMNS, out_dir=args.out_dir)

@@ -8,15 +8,12 @@ them: every head's weight gains columns (Net2WiderNet: copies carry their share)
 ``in_features`` used for heads created later follows, so they keep adapting to new classes.
 
 The heads' ``nn.Linear`` s are submodules, so the rules name their tensors by dotted paths
-(``classifier.weight``): the engine must resolve such paths (see :func:`nested_paths_supported`).
-Rules are registered on import of :mod:`strategies` when it does.
+(``classifier.weight``). The rules are registered when this module is imported, that is on import
+of :mod:`strategies`: import it before building a ``GrowableNetwork`` around such heads.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from torch import nn
 
@@ -111,50 +108,11 @@ MULTIHEAD_CLASSIFIER_SPEC = ModuleSpec(
 )
 
 
-# --- engine capability ----------------------------------------------------------------------------
-class _NestedProbe(nn.Module):
-    """A module whose input is read by a submodule (for :func:`nested_paths_supported`)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.inner = nn.Linear(width, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
-
-
-class _NestedProbeRule(_InputOnlyRule):
-    def linears(self, module):  # type: ignore[override]
-        return {"inner": module.inner}
-
-
-@functools.cache
-def nested_paths_supported() -> bool:
-    """True when the engine applies rule updates that name tensors of submodules by dotted path.
-
-    Checked once, by widening a two-layer probe network whose second layer is such a module.
-    """
-    register_module_rule(_NestedProbe, _NestedProbeRule())
-    net = GrowableNetwork(nn.Sequential(nn.Linear(2, 3), _NestedProbe(3)), torch.zeros(2, 2))
-    try:
-        net.widen("0", 4, verify=True)
-    except Exception:  # AttributeError/KeyError from an engine without dotted paths
-        return False
-    inner = net.get_submodule("1.inner")
-    return tuple(inner.weight.shape) == (1, 4) and inner.in_features == 4
-
-
-def register_avalanche_rules() -> bool:
-    """Register the head rules if the engine supports them; True when registered."""
-    if not nested_paths_supported():
-        return False
-    register_module_rule(
-        IncrementalClassifier, IncrementalClassifierRule(), spec=INCREMENTAL_CLASSIFIER_SPEC
-    )
-    register_module_rule(
-        MultiHeadClassifier, MultiHeadClassifierRule(), spec=MULTIHEAD_CLASSIFIER_SPEC
-    )
-    return True
+# --- registration, on import of this module (and so of strategies) --------------------------------
+register_module_rule(
+    IncrementalClassifier, IncrementalClassifierRule(), spec=INCREMENTAL_CLASSIFIER_SPEC
+)
+register_module_rule(MultiHeadClassifier, MultiHeadClassifierRule(), spec=MULTIHEAD_CLASSIFIER_SPEC)
 
 
 def head_rule(module: nn.Module) -> ModuleRule | None:
@@ -185,7 +143,7 @@ def check_heads(net: GrowableNetwork) -> list[str]:
             )
         if name in called and head_rule(m) is None:
             warnings.append(
-                f"{kind} {name!r} has no growth rule (this growth engine cannot update tensors of "
-                f"submodules): the layer feeding it cannot grow"
+                f"{kind} {name!r} is a leaf without a growth rule (none registered for its type): "
+                f"the layer feeding it cannot grow"
             )
     return warnings

@@ -20,7 +20,7 @@ from avalanche.training.plugins import (
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
+from growth import GrowthError
 from strategies import GrowthPlugin
 from strategies.plugin import check_optimizer
 from strategies.policies import EveryExperience, OnPlateau, Policy, Widen
@@ -75,7 +75,9 @@ def test_class_incremental_run_grows_as_asked_and_learns(name, stream):
     assert sum(accs) / len(accs) > 0.8, accs
     if name == "replay":
         final = strategy.eval(stream.test_stream)
-        assert final["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.6
+        # the whole stream after the last experience: about 0.75 to 0.85 across model seeds;
+        # without replay, forgetting leaves about 0.2 (chance: 0.1)
+        assert final["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.5
 
 
 class _StateProbe(SupervisedPlugin):
@@ -209,7 +211,6 @@ def test_refused_growth_is_recorded_or_raised(stream):
         strict.train(stream.train_stream[0])
 
 
-@pytest.mark.skipif(not hasattr(GrowableNetwork, "deepen"), reason="deepen not in the engine yet")
 def test_deepen_every_experience_keeps_optimizer_state(stream):
     net = mlp_net()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)

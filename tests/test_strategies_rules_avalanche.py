@@ -1,7 +1,8 @@
 """Avalanche heads inside a GrowableNetwork: their input grows, they keep adapting to new classes.
 
-The head rules need an engine that applies updates of submodule tensors (dotted paths); the tests
-that need them are skipped, and those of the fallback run, on an engine without.
+Importing ``strategies`` registers the head rules. A network built before that import (the
+``no_head_rule`` fixture removes the rule for the time of a test) traces an
+``IncrementalClassifier`` through, or sees it as a leaf without a rule: refused or reported.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from avalanche.training.supervised import Naive
 from torch import nn
 
 from growth import GrowableNetwork, GrowthError
-from strategies import HEAD_RULES, GrowthPlugin
+from growth import rules as growth_rules
+from strategies import GrowthPlugin
 from strategies.policies import EveryExperience
-from strategies.rules_avalanche import check_heads
-
-needs_rules = pytest.mark.skipif(not HEAD_RULES, reason="engine cannot update submodule tensors")
-without_rules = pytest.mark.skipif(HEAD_RULES, reason="head rules are registered")
+from strategies.rules_avalanche import IncrementalClassifierRule, check_heads
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +52,17 @@ def ic_net(**kwargs) -> GrowableNetwork:
     return GrowableNetwork(ICModel(), torch.randn(8, 64), **kwargs)
 
 
-@without_rules
-def test_head_traced_through_is_refused(class_stream):
-    net = GrowableNetwork(ICModel(), torch.zeros(2, 64))  # no rule, no leaf: traced through
+@pytest.fixture
+def no_head_rule(monkeypatch):
+    """``IncrementalClassifier`` without its rule, as before ``strategies`` registers it."""
+    assert isinstance(growth_rules.module_rule_for(ICModel().head), IncrementalClassifierRule)
+    monkeypatch.delitem(growth_rules._MODULE_RULES, IncrementalClassifier)
+    assert growth_rules.module_rule_for(ICModel().head) is None
+
+
+def test_head_traced_through_is_refused(class_stream, no_head_rule):
+    with pytest.warns(UserWarning, match="branches on self.training"):  # the head's masking
+        net = GrowableNetwork(ICModel(), torch.zeros(2, 64))  # no rule, no leaf: traced through
     with pytest.raises(GrowthError, match="frozen"):
         check_heads(net)
     strategy = Naive(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
@@ -64,15 +71,13 @@ def test_head_traced_through_is_refused(class_stream):
         strategy.train(class_stream.train_stream[0])
 
 
-@without_rules
-def test_head_leaf_without_rule_blocks_only_its_input():
+def test_head_leaf_without_rule_blocks_only_its_input(no_head_rule):
     net = ic_net(leaf_modules=[IncrementalClassifier])
     assert net.layers == ["features.0"]
     (msg,) = check_heads(net)
-    assert "no growth rule" in msg
+    assert "without a growth rule" in msg
 
 
-@needs_rules
 def test_heads_are_leaves_with_rules_and_all_hidden_layers_grow():
     net = ic_net()
     assert net.layers == ["features.0", "features.2"]
@@ -80,7 +85,6 @@ def test_heads_are_leaves_with_rules_and_all_hidden_layers_grow():
     assert any(n.op == "call_module" and n.target == "head" for n in net.graph.nodes)
 
 
-@needs_rules
 def test_incremental_classifier_input_grows_and_it_keeps_adapting(class_stream):
     net = ic_net()
     avalanche_model_adaptation(net, class_stream.train_stream[0])  # found inside the network
@@ -104,7 +108,6 @@ def test_incremental_classifier_input_grows_and_it_keeps_adapting(class_stream):
     assert net(x).shape == (32, 4)
 
 
-@needs_rules
 def test_multihead_classifier_input_grows_for_every_head(task_stream):
     net = mh_net(hidden=16)
     for exp in task_stream.train_stream[:2]:
@@ -124,10 +127,10 @@ def test_multihead_classifier_input_grows_for_every_head(task_stream):
 
 
 def test_class_incremental_run_with_incremental_classifier(class_stream):
-    """With the head rules every hidden layer grows; without, all but the one feeding the head."""
+    """With the head rules every hidden layer grows, the one feeding the head too."""
     net = ic_net(leaf_modules=[IncrementalClassifier])
     growable = list(net.layers)
-    assert growable == (["features.0", "features.2"] if HEAD_RULES else ["features.0"])
+    assert growable == ["features.0", "features.2"]
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     plugin = GrowthPlugin(EveryExperience(factor=1.5), generator=0)
     strategy = Naive(model=net, optimizer=opt, train_mb_size=8, eval_mb_size=512,
@@ -140,8 +143,7 @@ def test_class_incremental_run_with_incremental_classifier(class_stream):
             strategy.train(exp)
             res = strategy.eval([class_stream.test_stream[i]])
             accs.append(res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{i:03d}"])
-    no_rule = [w for w in caught if "no growth rule" in str(w.message)]
-    assert bool(no_rule) == (not HEAD_RULES)
+    assert not [w for w in caught if "growth rule" in str(w.message)]
     assert [net.width(n) for n in growable] == [81] * len(growable)
     head = net.get_submodule("head")
     assert head.classifier.weight.shape == (10, net.width("features.2"))
