@@ -1,12 +1,13 @@
-"""Keeping Avalanche's regularisation plugins right across growth.
+"""Keeping Avalanche's plugins right across growth, and refusing those that cannot be.
 
-``EWCPlugin`` and ``SynapticIntelligencePlugin`` keep tensors shaped like each parameter
-(anchor values ``θ*`` and importances ``Ω``) and add ``Σ Ω (θ - θ*)²`` to the loss. After a
-function-preserving widening they would pad with zeros (EWC asserts when a weight grew in two
-dimensions; SI pads a *flattened* vector, which misaligns every column growth silently), and
-pull each replicated consumer column back to its unscaled value. Here they are remapped with
-the widening's own unit mapping (:class:`growth.hooks.GrowthChanges`) so that the penalty right
-after growth equals the penalty right before it, and new units are unpenalised:
+Regularisers (``EWCPlugin``, ``SynapticIntelligencePlugin``, ``MASPlugin``, ``RWalkPlugin``)
+keep tensors shaped like each parameter (anchor values ``θ*`` and importances ``Ω``) and add
+``Σ Ω (θ - θ*)²`` to the loss. After a function-preserving widening they would pad with zeros
+(``ParamData.expand`` asserts when a weight grew in two dimensions; SI pads a *flattened* vector,
+which misaligns every column growth silently), and pull each replicated consumer column back to
+its unscaled value. Here they are remapped with the widening's own unit mapping
+(:class:`growth.changes.GrowthChanges`) so that the penalty right after growth equals the penalty
+right before it, and new units are unpenalised:
 
 - anchors follow the parameter values (copies take their source's anchor, a consumer column's
   anchor is scaled by its share ``s``): then ``θ' - θ*' = S · (θ - θ*)[source]`` where ``S`` is
@@ -14,11 +15,31 @@ after growth equals the penalty right before it, and new units are unpenalised:
 - importances stay on the original positions only, divided by ``S²`` (zero on copies), so
   ``Σ Ω' (θ' - θ*')² = Σ Ω (θ - θ*)²``.
 
-SI's other state follows the same rule: the cumulative importance ``cum_trajectory`` like an
-importance, the running path integral ``trajectory`` on the original positions (its ratio to
-``(θ - θ*)²`` then scales like the importance), ``old_theta``/``new_theta`` like values, ``grad``
-like a gradient. New parameters (``deepen``) are unpenalised: EWC skips names it never saved;
-SI gets zero-importance entries at once (it would fail on the unknown name mid-experience).
+Every other per-parameter tensor is one of four kinds (:data:`Remap`): a value
+(:func:`remap_value`), an importance (:func:`remap_importance`), a gradient
+(:func:`remap_gradient`), or a quantity kept on the original positions unscaled
+(:func:`remap_on_originals`: path integrals ``-Σ g·Δθ``, whose products ``g·Δθ`` do not change
+with ``S``, and ratios of them to ``Ω (Δθ)²``). Each plugin's tables below say which tensor is
+which kind:
+
+- SI: ``cum_trajectory`` an importance, the running path integral ``trajectory`` on the
+  originals, ``old_theta``/``new_theta`` values, ``grad`` a gradient;
+- MAS: ``params`` values, ``importance`` an importance;
+- RWalk: ``*_params`` values, ``iter_importance``/``exp_importance``/``exp_penalties``
+  importances (the penalty weight), ``iter_grad`` a gradient, the loss estimate
+  ``checkpoint_loss`` and the scores ``checkpoint_scores``/``exp_scores`` (loss over
+  ``½ Ω (Δθ)²``) on the originals;
+- GEM/AGEM: their reference gradients (one flat vector over all parameters, recomputed every
+  iteration) as gradients, segment by segment, so that a growth between their computation and
+  their use (mid-experience, GEM/AGEM placed before the GrowthPlugin) does not change their size.
+
+New parameters (``deepen``) are unpenalised: EWC and MAS skip names they never saved; SI gets
+zero-importance entries at once (it would fail on the unknown name mid-experience); RWalk gets
+zero loss/score entries (its running estimates would fail on the unknown name), so that it
+penalises them after the next experience like every other parameter.
+
+Strategies and plugins that cannot follow growth at all are refused before training
+(:func:`refuse_incompatible`).
 """
 
 from __future__ import annotations
@@ -29,7 +50,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
+from avalanche.models import BaseModel
+from avalanche.training.plugins import (
+    AGEMPlugin,
+    EWCPlugin,
+    FromScratchTrainingPlugin,
+    GDumbPlugin,
+    GEMPlugin,
+    LFLPlugin,
+    MASPlugin,
+    RWalkPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.supervised import ICaRL
 from avalanche.training.utils import ParamData
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -57,13 +90,7 @@ def subscribe(
     list of :class:`~growth.transform.AxisStep`) and ``new_parameters`` (names added by deepen).
     This is the only place that talks to the engine's growth hook.
     """
-    register = getattr(net, "register_growth_hook", None)
-    if register is None:
-        raise GrowthError(
-            "this growth engine has no GrowableNetwork.register_growth_hook: EWC/SI state cannot "
-            "follow growth. Update net2grow's growth package."
-        )
-    return register(callback)
+    return net.register_growth_hook(callback)
 
 
 # --- tensor remaps --------------------------------------------------------------------------------
@@ -129,24 +156,38 @@ def _check_dims(pd: ParamData, name: str, steps: Steps) -> None:
             )
 
 
+# --- plugins keeping dicts of ParamData ---------------------------------------------------------
+ParamStore = dict[str, ParamData]
+
+
+def remap_param_stores(stores: Iterable[tuple[ParamStore | None, Remap]], changes: Any) -> int:
+    """Remap every grown entry of each ``{parameter name: ParamData}`` store with its remap.
+
+    A ParamData held by several stores (RWalk hands its running dicts over to its per-experience
+    ones) is remapped once. Returns the number of tensors remapped."""
+    done: set[int] = set()
+    count = 0
+    for store, remap in stores:
+        if not store:
+            continue
+        for name, steps in changes.tensors.items():
+            pd = store.get(name)
+            if pd is None or id(pd) in done:
+                continue
+            _check_dims(pd, name, steps)
+            _set(pd, remap(pd.data, steps, changes.init))
+            done.add(id(pd))
+            count += 1
+    return count
+
+
 # --- EWC ------------------------------------------------------------------------------------------
 def remap_ewc(plugin: EWCPlugin, changes: Any) -> int:
     """Remap every stored ``saved_params``/``importances`` entry of ``plugin`` (all experiences,
     separate and online modes). Returns the number of tensors remapped."""
-    done: set[int] = set()
-    count = 0
-    stores = ((plugin.saved_params, remap_value), (plugin.importances, remap_importance))
-    for store, remap in stores:
-        for per_exp in store.values():
-            for name, steps in changes.tensors.items():
-                pd = per_exp.get(name)
-                if pd is None or id(pd) in done:
-                    continue
-                _check_dims(pd, name, steps)
-                _set(pd, remap(pd.data, steps, changes.init))
-                done.add(id(pd))
-                count += 1
-    return count
+    stores = [(d, remap_value) for d in plugin.saved_params.values()]
+    stores += [(d, remap_importance) for d in plugin.importances.values()]
+    return remap_param_stores(stores, changes)
 
 
 def align_online_ewc(plugin: EWCPlugin, model: nn.Module) -> None:
@@ -184,15 +225,21 @@ _SI_REMAPS: dict[str, Remap] = {
 }
 
 
+def _pre_growth_shape(shape: Sequence[int], steps: Steps) -> list[int]:
+    """The shape a tensor now shaped ``shape`` had before it grew by ``steps``."""
+    old = list(shape)
+    for s in steps:
+        old[s.dim] = int(s.amap.original.sum()) // s.groups
+    return old
+
+
 def _unflatten_shape(flat: Tensor, shape: torch.Size, steps: Steps) -> list[int]:
     """The pre-growth shape of a flattened SI tensor of a parameter now shaped ``shape``.
 
     Dimension 0, when not grown here, may lag behind the parameter (an IncrementalClassifier
     added rows that SI pads later): it is inferred from the vector's length.
     """
-    old = list(shape)
-    for s in steps:
-        old[s.dim] = int(s.amap.original.sum()) // s.groups
+    old = _pre_growth_shape(shape, steps)
     grown = {s.dim for s in steps}
     if old and 0 not in grown:
         rest = math.prod(old[1:])
@@ -244,17 +291,133 @@ def _si_add(plugin: SynapticIntelligencePlugin, name: str, p: Tensor) -> int:
     return 1
 
 
+# --- MAS ------------------------------------------------------------------------------------------
+def remap_mas(plugin: MASPlugin, changes: Any) -> int:
+    """Remap MAS's anchors ``params`` and importances ``importance`` (None before the first
+    experience ends). Returns the number of tensors remapped."""
+    return remap_param_stores(
+        [(plugin.params, remap_value), (plugin.importance, remap_importance)], changes
+    )
+
+
+# --- RWalk ----------------------------------------------------------------------------------------
+_RWALK_REMAPS: dict[str, Remap] = {
+    "checkpoint_params": remap_value,
+    "checkpoint_loss": remap_on_originals,
+    "checkpoint_scores": remap_on_originals,
+    "iter_grad": remap_gradient,
+    "iter_importance": remap_importance,
+    "iter_params": remap_value,
+    "exp_scores": remap_on_originals,
+    "exp_params": remap_value,
+    "exp_importance": remap_importance,
+    "exp_penalties": remap_importance,
+}
+# Running estimates RWalk indexes by every parameter name: new parameters need entries.
+_RWALK_ZEROS = ("checkpoint_loss", "checkpoint_scores", "exp_scores")
+_RWALK_VALUES = ("checkpoint_params",)
+
+
+def remap_rwalk(plugin: RWalkPlugin, model: nn.Module, changes: Any) -> int:
+    """Remap every per-parameter dict of RWalk (running, checkpoint and per-experience ones); give
+    new parameters zero loss/score entries and their value as anchor. Returns the number of
+    tensors remapped or added."""
+    count = remap_param_stores([(getattr(plugin, k), f) for k, f in _RWALK_REMAPS.items()], changes)
+    params = dict(model.named_parameters())
+    for name in changes.new_parameters:
+        p = params.get(name)
+        if p is None:
+            continue
+        for key in (*_RWALK_ZEROS, *_RWALK_VALUES):
+            store = getattr(plugin, key)
+            if store is None or name in store:
+                continue
+            init = p.detach().clone() if key in _RWALK_VALUES else None
+            store[name] = ParamData(name, p.shape, device=p.device, init_tensor=init)
+            count += 1
+    return count
+
+
+# --- GEM / AGEM -----------------------------------------------------------------------------------
+def remap_flat_gradient(flat: Tensor, model: nn.Module, changes: Any) -> Tensor | None:
+    """A vector of per-parameter gradients concatenated in ``model.parameters()`` order (as
+    GEM/AGEM keep them), remapped segment by segment; zero segments for new parameters.
+
+    None when ``flat`` does not match the parameters as they were before this growth: it was
+    computed before an earlier change of the parameters (a head added by Avalanche's
+    ``adaptation``) and GEM/AGEM recompute it before they use it again."""
+    new = set(changes.new_parameters)
+    parts: list[Tensor] = []
+    at = 0
+    for name, p in model.named_parameters():
+        if name in new:
+            parts.append(flat.new_zeros(p.numel()))
+            continue
+        steps = changes.tensors.get(name)
+        shape = _pre_growth_shape(p.shape, steps) if steps else list(p.shape)
+        n = math.prod(shape)
+        if at + n > flat.numel():
+            return None
+        segment = flat[at : at + n]
+        at += n
+        if steps:
+            segment = remap_gradient(segment.reshape(shape), steps, changes.init).flatten()
+        parts.append(segment)
+    if at != flat.numel():
+        return None
+    return torch.cat(parts) if parts else flat
+
+
+def remap_gem(plugin: GEMPlugin, model: nn.Module, changes: Any) -> int:
+    """Remap GEM's reference gradients ``G`` (one row per past experience)."""
+    if plugin.G.dim() != 2 or plugin.G.numel() == 0:
+        return 0
+    rows = [remap_flat_gradient(g, model, changes) for g in plugin.G]
+    if any(r is None for r in rows):
+        return 0
+    plugin.G = torch.stack(rows)  # type: ignore[arg-type]
+    return 1
+
+
+def remap_agem(plugin: AGEMPlugin, model: nn.Module, changes: Any) -> int:
+    """Remap AGEM's reference gradient."""
+    if plugin.reference_gradients.numel() == 0:
+        return 0
+    grown = remap_flat_gradient(plugin.reference_gradients, model, changes)
+    if grown is None:
+        return 0
+    plugin.reference_gradients = grown
+    return 1
+
+
 # --- all plugins ----------------------------------------------------------------------------------
+# Plugin type -> remap(plugin, model, changes) of its per-parameter state.
+_REMAPS: dict[type, Callable[[Any, nn.Module, Any], int]] = {
+    EWCPlugin: lambda p, model, changes: remap_ewc(p, changes),
+    SynapticIntelligencePlugin: remap_si,
+    MASPlugin: lambda p, model, changes: remap_mas(p, changes),
+    RWalkPlugin: remap_rwalk,
+    GEMPlugin: remap_gem,
+    AGEMPlugin: remap_agem,
+}
+
+
+def _remap_of(plugin: Any) -> Callable[[Any, nn.Module, Any], int] | None:
+    for cls, remap in _REMAPS.items():
+        if isinstance(plugin, cls):
+            return remap
+    return None
+
+
 def remap_regularizers(plugins: Iterable[Any], model: nn.Module, changes: Any) -> list[str]:
-    """Remap the state of every EWC/SI plugin in ``plugins``; names of the plugins touched."""
+    """Remap the per-parameter state of every plugin in ``plugins`` that keeps some (regularisers
+    EWC, SI, MAS, RWalk; GEM/AGEM's reference gradients); names of the plugins touched."""
     touched = []
     for p in plugins:
-        if isinstance(p, EWCPlugin):
-            remap_ewc(p, changes)
-        elif isinstance(p, SynapticIntelligencePlugin):
-            remap_si(p, model, changes)
-        else:
+        remap = _remap_of(p)
+        if remap is None:
             continue
+        remap(p, model, changes)
         touched.append(type(p).__name__)
     return touched
 
@@ -269,24 +432,79 @@ def align_regularizers(plugins: Iterable[Any], model: nn.Module) -> None:
 
 def needs_remap(plugins: Iterable[Any]) -> bool:
     """True when some plugin keeps per-parameter state that growth must remap."""
-    return any(isinstance(p, (EWCPlugin, SynapticIntelligencePlugin)) for p in plugins)
+    return any(_remap_of(p) is not None for p in plugins)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+def _gdumb(plugin: Any, strategy: Any) -> str | None:
+    if isinstance(plugin, GDumbPlugin):
+        return (
+            "GDumbPlugin replaces strategy.model with a copy of the initial model before every "
+            "experience (it retrains from scratch), so every growth would be discarded"
+        )
+    return None
+
+
+def _lfl(plugin: Any, strategy: Any) -> str | None:
+    if isinstance(plugin, LFLPlugin) and not isinstance(strategy.model, BaseModel):
+        return (
+            "LFLPlugin compares the features of strategy.model.get_features() and needs an "
+            "avalanche.models.BaseModel; a GrowableNetwork is not one"
+        )
+    return None
+
+
+def _from_scratch(plugin: Any, strategy: Any) -> str | None:
+    if isinstance(plugin, FromScratchTrainingPlugin):
+        return (
+            "FromScratchTrainingPlugin resets the weights before every experience only where "
+            "their shape did not change, so grown parameters would keep their trained values"
+        )
+    return None
+
+
+_REFUSALS: tuple[Callable[[Any, Any], str | None], ...] = (_gdumb, _from_scratch, _lfl)
+
+
+def refuse_incompatible(strategy: Any) -> None:
+    """Raise ``GrowthError`` before training when ``strategy`` or one of its plugins cannot work
+    with a growing model (instead of a failure deep inside Avalanche, or growth silently lost):
+
+    - ``ICaRL`` builds ``strategy.model`` itself (a ``TrainEvalModel`` of the feature extractor,
+      the classifier and a nearest-class-mean classifier): there is no ``GrowableNetwork`` to grow;
+    - ``GDumbPlugin`` resets the model to its initial copy before every experience;
+    - ``FromScratchTrainingPlugin`` resets the weights only where their shape did not change;
+    - ``LFLPlugin`` needs an ``avalanche.models.BaseModel`` (``get_features``).
+    """
+    if isinstance(strategy, ICaRL):
+        raise GrowthError(
+            "GrowthPlugin cannot grow ICaRL: the strategy builds its own model (a TrainEvalModel "
+            "of feature_extractor and classifier, with a nearest-class-mean classifier for "
+            "evaluation), not a growth.GrowableNetwork"
+        )
+    problems = [msg for p in strategy.plugins for check in _REFUSALS if (msg := check(p, strategy))]
+    if problems:
+        raise GrowthError("GrowthPlugin cannot grow this strategy's model: " + "; ".join(problems))
 
 
 def penalty(
-    plugin: EWCPlugin | SynapticIntelligencePlugin,
+    plugin: EWCPlugin | SynapticIntelligencePlugin | MASPlugin | RWalkPlugin,
     model: nn.Module,
     *,
     exp_counter: int,
     device: str | torch.device = "cpu",
 ) -> float:
     """The regularisation term ``plugin`` would add to the loss now, computed by the plugin's own
-    ``before_backward`` on a stand-in strategy (``exp_counter``: experiences trained so far)."""
+    ``before_backward`` on a stand-in strategy (``exp_counter``: experiences trained so far).
+
+    The stand-in's loss starts at 1 in float64 (MAS refuses a zero loss) and the term is what the
+    plugin added to it."""
     device = torch.device(device)
     stand_in = SimpleNamespace(
         model=model,
         device=device,
         clock=SimpleNamespace(train_exp_counter=exp_counter),
-        loss=torch.zeros((), device=device),
+        loss=torch.ones((), dtype=torch.float64, device=device),
     )
     plugin.before_backward(stand_in)
-    return float(stand_in.loss.detach())
+    return float(stand_in.loss.detach()) - 1.0

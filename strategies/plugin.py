@@ -262,6 +262,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
 
     # --- Avalanche callbacks -------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        compat.refuse_incompatible(strategy)  # GrowthError: GDumb, LFL, ICaRL, FromScratch...
         net = self.network(strategy)
         self.strategy = strategy
         for msg in check_heads(net):
