@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import random
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from growth import GrowableNetwork
+from growth import GrowableNetwork, GrowthError
 
 COLUMNS = ["method", "hidden", "final_acc", "forgetting", "params", "gflops", "seconds"]
 METHODS = (
@@ -88,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="resume file: saved after every experience; a run restarted with the same "
+        "arguments continues where the file stands (finished seeds and methods are skipped, "
+        "an interrupted method continues from its last experience) with the same results",
+    )
 
 
 def mlp(in_features: int, hidden: int, n_out: int) -> nn.Sequential:
@@ -165,7 +176,11 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import EWC, JointTraining, LwF, Naive, PNNStrategy, Replay
 
-    torch.manual_seed(seed)
+    import strategies  # noqa: F401  (its first import draws from torch's RNG: before seeding)
+
+    torch.manual_seed(seed)  # every RNG, so that a run does not depend on the ones before it
+    random.seed(seed)
+    np.random.seed(seed)
     in_features = math.prod(meta.input_shape)
     n_out = meta.n_classes
     hidden = (
@@ -232,23 +247,118 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+class RunFile:
+    """The ``--resume`` file of a comparison: the finished runs' results and, for the method
+    being trained, its strategy's whole state after its last finished experience
+    (:mod:`strategies.resume`; one file, replaced atomically at every save).
+
+    Parameters
+    ----------
+    path : str
+        The file; read when it exists (refused when it was written with other arguments).
+    config : dict
+        The arguments that decide the results: a file written with others is refused.
+    """
+
+    def __init__(self, path: str, config: dict[str, Any]) -> None:
+        from strategies.resume import read_run
+
+        self.path = path
+        self.config = config
+        self.finished: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None
+        if os.path.exists(path):
+            try:
+                state = read_run(path, config=config, check_config=True)
+            except GrowthError as exc:  # damaged, or written with other arguments
+                raise SystemExit(f"continual: cannot resume from {path}: {exc}") from exc
+            self.finished = list(state.results["finished"])
+            self.current = state.results["current"]
+
+    def done(self, seed: int, method: str) -> dict[str, Any] | None:
+        """The result of a finished run, or None."""
+        return next((r for r in self.finished if r["seed"] == seed and r["method"] == method), None)
+
+    def restore(self, strategy: Any, seed: int, method: str) -> tuple[int, dict[str, Any]] | None:
+        """Restore ``strategy`` when the file holds this run in progress: ``(experiences done,
+        progress so far)``; None otherwise."""
+        from strategies.resume import load_run
+
+        cur = self.current
+        if cur is None or cur["seed"] != seed or cur["method"] != method:
+            return None
+        state = load_run(self.path, strategy, config=self.config)
+        return state.position, state.results["current"]
+
+    def save(self, strategy: Any, position: int, current: dict[str, Any] | None) -> None:
+        """Save the run in progress (``strategy`` at ``position``) or, with ``strategy=None``,
+        only the finished results."""
+        from strategies.resume import save_run
+
+        self.current = current
+        results = {"finished": self.finished, "current": current}
+        save_run(self.path, strategy, position=position, results=results, config=self.config)
+
+    def finish(self, result: dict[str, Any], strategy: Any = None, position: int = 0) -> None:
+        """Record a finished run; the file keeps ``strategy``'s final state when given."""
+        self.finished.append(result)
+        self.save(strategy, position, None)
+
+
+def resumable_within(method: str, s: Setting) -> bool:
+    """Whether a run of ``method`` can continue from an experience boundary. Not: PNN (its
+    columns come from Avalanche's model adaptation, which a resume file does not hold) and LwF
+    on task-incremental streams (its teacher lacks the heads that evaluation adds to the model,
+    and a resume file holds one network). Those runs restart from their first experience."""
+    return method != "pnn" and not (method == "lwf" and s.scenario == "task")
+
+
 def run_method(
-    method: str, s: Setting, bench: Any, meta: Any, seed: int, tb_dir: str | None
+    method: str,
+    s: Setting,
+    bench: Any,
+    meta: Any,
+    seed: int,
+    tb_dir: str | None,
+    run_file: RunFile | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on the whole stream; accuracy matrix, compute, size, time."""
+    """Train ``method`` on the whole stream; accuracy matrix, compute, size, time.
+
+    With ``run_file``, the strategy's state is saved after every experience (and its
+    evaluation) and a run in progress continues from the file.
+    """
     strategy, _ = _make_strategy(method, s, meta, seed, tb_dir)
     matrix: list[list[float]] = []
     flops = 0
+    seconds_before = 0.0
+    first = 0
+    within = run_file is not None and resumable_within(method, s)
+    if within and run_file is not None:
+        restored = run_file.restore(strategy, seed, method)
+        if restored is not None:
+            first, progress = restored
+            matrix = [list(row) for row in progress["matrix"]]
+            flops = int(progress["flops"])
+            seconds_before = float(progress["seconds"])
     start = time.perf_counter()
     steps = [bench.train_stream] if method == "joint" else list(bench.train_stream)
-    for exp in steps:
+    for i in range(first, len(steps)):
         counter = FlopCounterMode(display=False)  # entering a counter resets it: one per call
         with counter:
-            strategy.train(exp)
+            strategy.train(steps[i])
         flops += counter.get_total_flops()
         matrix.append(evaluate(strategy.model, bench.test_stream, s.device))
-    seconds = time.perf_counter() - start
-    return {
+        if within and run_file is not None:
+            progress = {
+                "seed": seed,
+                "method": method,
+                "matrix": matrix,
+                "flops": int(flops),
+                "seconds": seconds_before + time.perf_counter() - start,
+            }
+            run_file.save(strategy, i + 1, progress)
+    seconds = seconds_before + time.perf_counter() - start
+    result = {
         "method": method,
         "seed": seed,
         "final_acc": sum(matrix[-1]) / len(matrix[-1]),
@@ -258,6 +368,9 @@ def run_method(
         "seconds": seconds,
         "matrix": matrix,
     }
+    if run_file is not None:
+        run_file.finish(result, strategy if within else None, len(steps) if within else 0)
+    return result
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -273,6 +386,23 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         if args.train_per_exp is None and args.stream != "split-digits":
             args.train_per_exp = 500
     return args
+
+
+def _resume_config(
+    args: argparse.Namespace, setting: Setting, seeds: list[int], methods: list[str]
+) -> dict[str, Any]:
+    """What a resume file must have been written with: everything that decides the results
+    (not the output folders)."""
+    return {
+        "command": "continual",
+        "setting": dict(setting.__dict__),
+        "seeds": list(seeds),
+        "methods": list(methods),
+        "experiences": args.experiences,
+        "train_per_exp": args.train_per_exp,
+        "data_root": args.data_root,
+        "threads": args.threads,
+    }
 
 
 def _without_avalanche_deprecations(show: Callable) -> Callable:
@@ -323,21 +453,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     # small MLPs: one intra-op thread is several times faster than two on a busy 2-core machine
     torch.set_num_threads(args.threads)
+    run_file = None
+    if getattr(args, "resume", None):
+        run_file = RunFile(args.resume, _resume_config(args, setting, seeds, methods))
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(seeds) * len(methods), desc="continual", unit="run")
     for seed in seeds:
-        bench, meta = make_stream(
-            args.stream,
-            scenario=scenario,
-            n_experiences=args.experiences,
-            seed=seed,
-            data_root=args.data_root,
-            train_per_exp=args.train_per_exp,
-        )
+        bench = meta = None
         for method in methods:
+            done = run_file.done(seed, method) if run_file is not None else None
+            if done is not None:  # finished before the restart
+                results.append(done)
+                bar.update()
+                continue
+            if bench is None:
+                bench, meta = make_stream(
+                    args.stream,
+                    scenario=scenario,
+                    n_experiences=args.experiences,
+                    seed=seed,
+                    data_root=args.data_root,
+                    train_per_exp=args.train_per_exp,
+                )
             bar.set_postfix_str(f"{method} seed {seed}")
             tb = f"{args.runs_dir}/continual/{args.stream}-{args.scenario}/{method}-s{seed}"
-            results.append(run_method(method, setting, bench, meta, seed, tb))
+            results.append(run_method(method, setting, bench, meta, seed, tb, run_file))
             bar.update()
     bar.close()
     rows = []

@@ -5,18 +5,23 @@ Importing this package registers growth rules for Avalanche's ``IncrementalClass
 ``GrowableNetwork`` around a model with such heads.
 """
 
-from . import policies, rules_avalanche
+from . import policies, resume, rules_avalanche
 from .growing import Growing
 from .metrics import growth_metrics
 from .multitask import MultiTaskGrowableNetwork
 from .plugin import GrowthEvent, GrowthPlugin
+from .resume import ResumePlugin, load_run, save_run
 
 __all__ = [
     "Growing",
     "GrowthEvent",
     "GrowthPlugin",
     "MultiTaskGrowableNetwork",
+    "ResumePlugin",
     "growth_metrics",
+    "load_run",
     "policies",
+    "resume",
     "rules_avalanche",
+    "save_run",
 ]

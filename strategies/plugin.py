@@ -527,6 +527,53 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             seconds=rec.seconds,
         )
 
+    # --- resume (strategies.resume) ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The plugin's run state as plain data: growth events, growth time, actions pending
+        for the next iteration, the generator's state and the policy's state (its
+        ``state_dict()``, else its attributes). Options (``max_params``, ...) are not included."""
+        from .resume import encode_state, object_state
+
+        gen = self.generator
+        return {
+            "events": [e.to_dict() for e in self.events],
+            "growth_seconds": float(self.growth_seconds),
+            "pending": encode_state(list(self._pending), "pending growth actions"),
+            "generator": None
+            if gen is None
+            else {"device": str(gen.device), "state": gen.get_state()},
+            "policy": object_state(self.policy, f"policy {type(self.policy).__qualname__}"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. Everything is checked before anything changes;
+        a state that does not fit (say, a generator where this plugin has none) raises
+        ``GrowthError``."""
+        from .resume import ResumeMismatchError, decode_state, prepare_object_state
+
+        events = [GrowthEvent(**e) for e in state["events"]]
+        pending = decode_state(state["pending"])
+        if not all(isinstance(a, (Widen, Deepen)) for a in pending):
+            raise GrowthError("malformed plugin state: pending actions are not growth actions")
+        saved_gen = state["generator"]
+        if (saved_gen is None) != (self.generator is None):
+            raise ResumeMismatchError(
+                "GrowthPlugin: the saved run had "
+                + ("no generator" if saved_gen is None else "a generator")
+                + ", this plugin "
+                + ("has none" if self.generator is None else "has one")
+            )
+        if saved_gen is not None:
+            trial = torch.Generator(device=self.generator.device)
+            trial.set_state(saved_gen["state"])  # checks the state before it is used
+        policy = prepare_object_state(self.policy, state["policy"], "the growth policy")
+        policy.apply()
+        if saved_gen is not None:
+            self.generator.set_state(saved_gen["state"])
+        self.events = events
+        self.growth_seconds = float(state["growth_seconds"])
+        self._pending = list(pending)
+
     # --- parameter budget ----------------------------------------------------------------------
     def _params_after(self, net: GrowableNetwork, action: GrowthAction, width: int = 0) -> int:
         """Parameter count after ``action`` (at ``width`` for a widening), measured on a copy."""

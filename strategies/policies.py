@@ -12,6 +12,7 @@ growth. Subclass :class:`Policy` (no-op defaults) or implement :class:`GrowthPol
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ class Policy:
     def after_iteration(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
         return []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's state for a resume file (:mod:`strategies.resume`): by default a copy of
+        every attribute, which must be plain data (numbers, strings, tensors, lists, tuples,
+        sets, dicts, growth actions). Override both methods to store less or other things."""
+        return copy.deepcopy(dict(vars(self)))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
 
 def hidden_layers(net: GrowableNetwork, layers: Sequence[str] | None) -> list[str]:
     """``layers`` if given, else every layer of ``net`` whose width can grow (graph order)."""
@@ -115,6 +127,12 @@ class EveryExperience(Policy):
         self.layers = None if layers is None else list(layers)
         self.deepen = "identity" if deepen is True else deepen
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # no state: decisions read the clock and the network
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
     def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
         if experiences_seen(strategy) == 0:
             return []
@@ -148,6 +166,12 @@ class NewClasses(Policy):
         self.units_per_class = units_per_class
         self.layers = None if layers is None else list(layers)
         self.seen: set[tuple[int, int]] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": [list(pair) for pair in sorted(self.seen)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = {(int(t), int(c)) for t, c in state["seen"]}
 
     def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
         exp = strategy.experience
@@ -212,6 +236,14 @@ class OnPlateau(Policy):
         self.ema: float | None = None
         self.wait = 0
         self.growths = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "ema": self.ema, "wait": self.wait, "growths": self.growths}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best, ema = float(state["best"]), state["ema"]
+        self.best, self.ema = best, None if ema is None else float(ema)
+        self.wait, self.growths = int(state["wait"]), int(state["growths"])
 
     def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
         self._reset()
