@@ -430,11 +430,6 @@ def align_regularizers(plugins: Iterable[Any], model: nn.Module) -> None:
             align_online_ewc(p, model)
 
 
-def needs_remap(plugins: Iterable[Any]) -> bool:
-    """True when some plugin keeps per-parameter state that growth must remap."""
-    return any(_remap_of(p) is not None for p in plugins)
-
-
 # --- refusals -------------------------------------------------------------------------------------
 def _gdumb(plugin: Any, strategy: Any) -> str | None:
     if isinstance(plugin, GDumbPlugin):

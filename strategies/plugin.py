@@ -41,7 +41,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from growth import GrowableNetwork, GrowthError, GrowthRecord
-from growth.distributed import _control_device, check_replicas, grow_ddp, shared_generator
+from growth.distributed import (
+    check_replicas,
+    control_device,
+    global_rank,
+    grow_ddp,
+    shared_generator,
+)
 
 from . import compat
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
@@ -79,18 +85,11 @@ def replicas_of(model: Any) -> _Replicas | None:
     return None
 
 
-def _group_rank0(group: Any) -> int:
-    """Global rank of the first rank of ``group``."""
-    if group is None or group is dist.GroupMember.WORLD:
-        return 0
-    return dist.get_global_rank(group, 0)
-
-
 def global_mean(value: Any, group: Any = None) -> torch.Tensor:
     """Mean of ``value`` (a scalar tensor or number) over the ranks of ``group``, the same on
     every rank, shaped and typed like ``value``. A collective call."""
     local = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
-    flat = local.to(_control_device(group), torch.float64, copy=True)
+    flat = local.to(control_device(group), torch.float64, copy=True)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= dist.get_world_size(group)
     return flat.to(local.device, local.dtype)
@@ -99,8 +98,8 @@ def global_mean(value: Any, group: Any = None) -> torch.Tensor:
 def agree_actions(actions: Sequence[GrowthAction], group: Any = None) -> list[GrowthAction]:
     """Rank 0's ``actions`` on every rank of ``group`` (a collective call: one 8-byte broadcast,
     plus an object broadcast when rank 0 has actions)."""
-    src = _group_rank0(group)
-    count = torch.tensor([len(actions)], dtype=torch.int64, device=_control_device(group))
+    src = global_rank(group)
+    count = torch.tensor([len(actions)], dtype=torch.int64, device=control_device(group))
     dist.broadcast(count, src=src, group=group)
     if int(count.item()) == 0:
         return []
@@ -270,12 +269,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if self._hooked is not net:
             if self._handle is not None:
                 self._handle.remove()
-            try:
-                self._handle = compat.subscribe(net, _RegularizerSync(self))
-            except GrowthError:
-                if compat.needs_remap(strategy.plugins):
-                    raise
-                self._handle = None
+            self._handle = compat.subscribe(net, _RegularizerSync(self))
             self._hooked = net
 
     def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:

@@ -24,8 +24,6 @@ from .collectives import control_device, global_rank, shared_generator
 from .ddp import GrowthOp, grow_ddp
 from .replicas import ReplicaReport, check_replicas
 
-_control_device = control_device  # the old private name, until strategies/plugin.py moves on
-
 __all__ = [
     "GrowthOp",
     "ReplicaReport",
