@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	@echo ">> make demo: continual-learning benchmark on the offline split-digits stream"
-	@$(PY) -m benchmarks continual
+	@$(PY) -m net2grow.benchmarks continual
 
 lint: $(STAMP)
 	@echo ">> ruff check"

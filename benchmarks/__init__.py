@@ -1,1 +1,1 @@
-"""Runnable experiments: python -m benchmarks continual|net2net|speed."""
+"""Runnable experiments: python -m net2grow.benchmarks continual|net2net|speed."""

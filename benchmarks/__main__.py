@@ -1,4 +1,4 @@
-"""``python -m benchmarks continual|net2net|speed [options]``.
+"""``python -m net2grow.benchmarks continual|net2net|speed [options]``.
 
 Each command lives in ``benchmarks/<command>.py`` and exposes ``add_arguments(parser)`` and
 ``run(args) -> dict``. Command modules are imported only when their command is chosen, so a
@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-PROG = "python -m benchmarks"
+PROG = "python -m net2grow.benchmarks"
 
 #: Command name -> one-line help. The module ``benchmarks.<name>`` implements it.
 COMMANDS = {
@@ -62,7 +62,7 @@ def load_command(name: str) -> ModuleType:
     """Import ``benchmarks.<name>``, checking it has ``add_arguments`` and ``run``."""
     if name not in COMMANDS:
         raise KeyError(f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
-    module = importlib.import_module(f"benchmarks.{name}")
+    module = importlib.import_module(f".{name}", __package__)
     missing = [f for f in ("add_arguments", "run") if not callable(getattr(module, f, None))]
     if missing:
         raise AttributeError(f"benchmarks/{name}.py does not define {' and '.join(missing)}()")

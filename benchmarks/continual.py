@@ -1,4 +1,4 @@
-"""``python -m benchmarks continual``: growing models against Avalanche's baselines.
+"""``python -m net2grow.benchmarks continual``: growing models against Avalanche's baselines.
 
 Every method trains the same MLP family with the same optimizer, epochs and minibatch size on
 the same stream. Fixed models are either *small* (the growing models' starting size) or *large*
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from growth import GrowableNetwork, GrowthError
+from ..growth import GrowableNetwork, GrowthError
 
 COLUMNS = ["method", "hidden", "final_acc", "forgetting", "params", "gflops", "seconds"]
 METHODS = (
@@ -129,7 +129,7 @@ class MultiHeadMLP(nn.Module):
 
 def make_model(in_features: int, hidden: int, n_out: int, *, task_aware: bool) -> nn.Module:
     if task_aware:
-        import strategies  # noqa: F401  (registers the Avalanche head rules before tracing)
+        from .. import strategies  # noqa: F401  (registers the Avalanche head rules before tracing)
 
         return MultiHeadMLP(in_features, hidden)
     return mlp(in_features, hidden, n_out)
@@ -176,7 +176,7 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import EWC, JointTraining, LwF, Naive, PNNStrategy, Replay
 
-    import strategies  # noqa: F401  (its first import draws from torch's RNG: before seeding)
+    from .. import strategies  # noqa: F401  (its first import draws from torch's RNG: before seeding)
 
     torch.manual_seed(seed)  # every RNG, so that a run does not depend on the ones before it
     random.seed(seed)
@@ -203,14 +203,14 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
     task_aware = s.scenario == "task"
     model = make_model(in_features, hidden, n_out, task_aware=task_aware)
     if task_aware:  # Avalanche passes task labels only to a MultiTaskModule
-        from strategies import MultiTaskGrowableNetwork
+        from ..strategies import MultiTaskGrowableNetwork
 
         example = (torch.zeros(2, *meta.input_shape), torch.zeros(2, dtype=torch.long))
         model = MultiTaskGrowableNetwork(model, example)
     plugins = []
     if method.startswith("grow-"):
-        from strategies import GrowthPlugin, growth_metrics
-        from strategies.policies import EveryExperience
+        from ..strategies import GrowthPlugin, growth_metrics
+        from ..strategies.policies import EveryExperience
 
         if not task_aware:
             model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
@@ -261,7 +261,7 @@ class RunFile:
     """
 
     def __init__(self, path: str, config: dict[str, Any]) -> None:
-        from strategies.resume import read_run
+        from ..strategies.resume import read_run
 
         self.path = path
         self.config = config
@@ -282,7 +282,7 @@ class RunFile:
     def restore(self, strategy: Any, seed: int, method: str) -> tuple[int, dict[str, Any]] | None:
         """Restore ``strategy`` when the file holds this run in progress: ``(experiences done,
         progress so far)``; None otherwise."""
-        from strategies.resume import load_run
+        from ..strategies.resume import load_run
 
         cur = self.current
         if cur is None or cur["seed"] != seed or cur["method"] != method:
@@ -293,7 +293,7 @@ class RunFile:
     def save(self, strategy: Any, position: int, current: dict[str, Any] | None) -> None:
         """Save the run in progress (``strategy`` at ``position``) or, with ``strategy=None``,
         only the finished results."""
-        from strategies.resume import save_run
+        from ..strategies.resume import save_run
 
         self.current = current
         results = {"finished": self.finished, "current": current}
@@ -419,14 +419,14 @@ def _without_avalanche_deprecations(show: Callable) -> Callable:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every requested method over the seeds; print, write and plot the comparison."""
-    from benchmarks._report import (
+    from ._report import (
         fmt_mean_std,
         format_table,
         mean_std,
         save_plot,
         write_results,
     )
-    from benchmarks.data import make_stream
+    from .data import make_stream
 
     args = _defaults(args)
     warnings.filterwarnings("ignore", message="No loggers specified")

@@ -1,8 +1,8 @@
 """The Net2Net experiment (Chen, Goodfellow & Shlens, ICLR 2016) at CPU scale.
 
-``python -m benchmarks net2net`` trains a narrow CNN (the teacher) on a subset of Fashion-MNIST
-for a fixed number of steps, then continues for the same number of steps, with the same
-optimizer type and learning rate, as each of these variants:
+``python -m net2grow.benchmarks net2net`` trains a narrow CNN (the teacher) on a subset of
+Fashion-MNIST for a fixed number of steps, then continues for the same number of steps, with the
+same optimizer type and learning rate, as each of these variants:
 
 ===========================  ===============================================================
 ``net2wider``                Net2WiderNet student, every hidden layer x2, ``split="random"``
@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from growth import GrowableNetwork
-
+from ..growth import GrowableNetwork
 from ._report import fmt_mean_std, format_table, save_plot, tensorboard_writer, write_results
 from .data import load_fashion_mnist
 

@@ -1,4 +1,5 @@
-"""``python -m benchmarks speed``: how fast networks grow, against the floor of copying them.
+"""``python -m net2grow.benchmarks speed``: how fast networks grow, against the floor of copying
+them.
 
 For MLPs and CNNs of about 1M, 10M and 100M parameters (and torchvision's resnet18), measured in
 one run on the CPU (and the CUDA device when there is one):
@@ -28,8 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
-
+from ..growth import GrowableNetwork, GrowthError
 from ._report import format_table, save_plot, tensorboard_writer, write_results
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
@@ -228,7 +228,7 @@ def warm_up(device: torch.device, seed: int) -> None:
 
 # --- command ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m benchmarks speed``."""
+    """Options of ``python -m net2grow.benchmarks speed``."""
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
                         help="parameter counts of the MLP and CNN (default: all; --quick: 1M)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),

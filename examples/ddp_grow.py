@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from growth import GrowableNetwork, GrowthRecord
-from growth.distributed import check_replicas, grow_ddp, shared_generator
+from net2grow.growth import GrowableNetwork, GrowthRecord
+from net2grow.growth.distributed import check_replicas, grow_ddp, shared_generator
 
 
 def parse_args() -> argparse.Namespace:

@@ -24,6 +24,7 @@ class FunctionNotPreservedError(GrowthError):
 
 
 REGISTER_HINT = (
-    "register a rule for it with growth.rules.register_module_rule(<LayerType>, <ModuleRule>()) "
+    "register a rule for it with "
+    "net2grow.growth.rules.register_module_rule(<LayerType>, <ModuleRule>()) "
     "(see growth/rules/_infra.py), or keep it out of the grown part of the network"
 )

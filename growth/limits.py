@@ -9,7 +9,8 @@ before anything is allocated or changed.
 
 The limit is :data:`MAX_GROWTH_BYTES` (8 GiB) unless the call passes ``max_growth_bytes=``;
 raise it for one call (``net.widen("fc", 100_000, max_growth_bytes=64 * 2**30)``) or for the
-whole process (``growth.limits.MAX_GROWTH_BYTES = 64 * 2**30``). ``math.inf`` disables the check.
+whole process (``net2grow.growth.limits.MAX_GROWTH_BYTES = 64 * 2**30``). ``math.inf`` disables
+the check.
 The count is a floor of the operation's peak memory, not a bound: temporaries of the copy and
 the wider activations of the verification forward pass come on top of it.
 """
@@ -30,7 +31,7 @@ MAX_GROWTH_BYTES: int = 8 * 2**30
 MAPPING_BYTES_PER_UNIT = 8 + 1 + 8
 
 _HOW_TO_RAISE = (
-    "pass max_growth_bytes=<bytes> to this call, or set growth.limits.MAX_GROWTH_BYTES "
+    "pass max_growth_bytes=<bytes> to this call, or set net2grow.growth.limits.MAX_GROWTH_BYTES "
     "(math.inf disables the check)"
 )
 
@@ -64,7 +65,8 @@ def resolve_limit(max_growth_bytes: object) -> float:
         value = MAX_GROWTH_BYTES
         if not _valid_limit(value):
             raise GrowthError(
-                f"growth.limits.MAX_GROWTH_BYTES must be a number of bytes >= 0 (or math.inf), "
+                f"net2grow.growth.limits.MAX_GROWTH_BYTES must be a number of bytes >= 0 (or "
+                f"math.inf), "
                 f"got {value!r}; set it back to e.g. 8 * 2**30"
             )
         return float(value) if math.isinf(value) else int(value)

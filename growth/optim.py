@@ -65,7 +65,7 @@ def check_supported(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parame
                     f"{type(optimizer).__name__} keeps per-parameter state {key!r} that "
                     f"net2grow does not know how to carry across growth (known: "
                     f"{sorted(STATE_POWERS)}). Grow without optimizer=... and build a new "
-                    f"optimizer, or register the key in growth.optim.STATE_POWERS."
+                    f"optimizer, or register the key in net2grow.growth.optim.STATE_POWERS."
                 )
 
 

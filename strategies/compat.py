@@ -67,9 +67,9 @@ from avalanche.training.utils import ParamData
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from growth import GrowableNetwork, GrowthError, GrowthRecord
-from growth.mapping import AxisMap
-from growth.transform import AxisStep, grow_state, grow_value
+from ..growth import GrowableNetwork, GrowthError, GrowthRecord
+from ..growth.mapping import AxisMap
+from ..growth.transform import AxisStep, grow_state, grow_value
 
 Steps = Sequence[AxisStep]
 

@@ -8,8 +8,7 @@ import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from growth import GrowableNetwork
-
+from ..growth import GrowableNetwork
 from .plugin import GrowthPlugin, require_growable
 from .policies import GrowthPolicy
 

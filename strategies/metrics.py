@@ -22,8 +22,7 @@ from typing import Any
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 
-from growth import GrowableNetwork
-
+from ..growth import GrowableNetwork
 from .plugin import GrowthEvent, GrowthPlugin
 
 PREFIX = "Growth"

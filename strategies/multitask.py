@@ -14,7 +14,7 @@ from typing import Any
 
 from avalanche.models import MultiTaskModule
 
-from growth import GrowableNetwork
+from ..growth import GrowableNetwork
 
 
 class MultiTaskGrowableNetwork(GrowableNetwork, MultiTaskModule):

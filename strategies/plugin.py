@@ -40,15 +40,14 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from growth import GrowableNetwork, GrowthError, GrowthRecord
-from growth.distributed import (
+from ..growth import GrowableNetwork, GrowthError, GrowthRecord
+from ..growth.distributed import (
     check_replicas,
     control_device,
     global_rank,
     grow_ddp,
     shared_generator,
 )
-
 from . import compat
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads

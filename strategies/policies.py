@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from growth import GrowableNetwork, GrowthError
+from ..growth import GrowableNetwork, GrowthError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ how training continues:
 
 Typical loop (save after each experience and its evaluation)::
 
-    from strategies.resume import load_run, save_run
+    from .resume import load_run, save_run
 
     strategy = Growing(net, optimizer, policy=..., plugins=[ReplayPlugin(200)], ...)
     state = load_run("run.n2g", strategy, config=vars(args), missing_ok=True)
@@ -62,8 +62,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from growth import GrowableNetwork, GrowthError, load_checkpoint, save
-
+from ..growth import GrowableNetwork, GrowthError, load_checkpoint, save
 from .policies import Deepen, Widen
 
 __all__ = [

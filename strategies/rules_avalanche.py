@@ -17,8 +17,8 @@ from __future__ import annotations
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
-from growth.rules import (
+from ..growth import GrowableNetwork, GrowthError
+from ..growth.rules import (
     ModuleRule,
     ModuleSpec,
     ModuleUpdate,
@@ -26,7 +26,7 @@ from growth.rules import (
     module_rule_for,
     register_module_rule,
 )
-from growth.transform import AxisStep
+from ..growth.transform import AxisStep
 
 HEAD_TYPES: tuple[type[nn.Module], ...] = (IncrementalClassifier, MultiHeadClassifier)
 

@@ -16,8 +16,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from growth import GrowableNetwork
-from strategies import MultiTaskGrowableNetwork
+from net2grow.growth import GrowableNetwork
+from net2grow.strategies import MultiTaskGrowableNetwork
 
 # Strategies the growth tests run in, by parametrisation id: (class, its own keyword arguments).
 STRATEGIES = {

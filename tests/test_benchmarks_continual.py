@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import parse_args
-from benchmarks.continual import forgetting
+from net2grow.benchmarks.__main__ import parse_args
+from net2grow.benchmarks.continual import forgetting
 
 METHODS = "naive-small,naive-large,joint,grow-naive,grow-replay"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
-    from benchmarks import continual
+    from net2grow.benchmarks import continual
 
     tmp = tmp_path_factory.mktemp("continual")
     out_dir, runs_dir = tmp / "results", tmp / "runs"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import parse_args
-from benchmarks.data import DataUnavailableError, load_fashion_mnist
+from net2grow.benchmarks.__main__ import parse_args
+from net2grow.benchmarks.data import DataUnavailableError, load_fashion_mnist
 
 EXACT = ("net2wider", "net2wider-equal", "zero-init", "teacher-continued", "net2deeper")
 
@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Pat
         load_fashion_mnist()
     except DataUnavailableError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"Fashion-MNIST is not available here: {exc}")
-    from benchmarks import net2net
+    from net2grow.benchmarks import net2net
 
     tmp = tmp_path_factory.mktemp("net2net")
     out_dir, runs_dir = tmp / "results", tmp / "runs"
@@ -50,7 +50,7 @@ def test_quick_run_writes_results(quick_run: tuple[dict, Path, Path]) -> None:
         "net2net.png",
     }
     doc = json.loads((out_dir / "net2net.json").read_text())
-    from benchmarks.net2net import COLUMNS, variants
+    from net2grow.benchmarks.net2net import COLUMNS, variants
 
     keys = [v.key for v in variants(0.01)]
     assert [row["variant"] for row in doc["rows"]] == keys

@@ -1,4 +1,4 @@
-"""``python -m benchmarks speed --quick``: runs, and writes positive times and the ratio."""
+"""``python -m net2grow.benchmarks speed --quick``: runs, writes positive times and the ratio."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import __main__ as cli
-from benchmarks import speed
-from benchmarks.__main__ import parse_args
+from net2grow.benchmarks import __main__ as cli
+from net2grow.benchmarks import speed
+from net2grow.benchmarks.__main__ import parse_args
 
 
 def test_speed_quick_writes_results(tmp_path: Path) -> None:

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import growth
-from growth import GrowableNetwork, GrowthError
-from growth.checkpoint import Checkpoint, load, load_checkpoint, save
-from growth.checkpoint.allowlist import function_name, resolve_function
-from growth.checkpoint.describe import layer_spec
-from growth.checkpoint.fileformat import read_payload, write_payload
-from growth.checkpoint.rebuild import build_layer, tensor_shapes
-from growth.rules import checkpointable_types, module_rule_for
+from net2grow import growth
+from net2grow.growth import GrowableNetwork, GrowthError
+from net2grow.growth.checkpoint import Checkpoint, load, load_checkpoint, save
+from net2grow.growth.checkpoint.allowlist import function_name, resolve_function
+from net2grow.growth.checkpoint.describe import layer_spec
+from net2grow.growth.checkpoint.fileformat import read_payload, write_payload
+from net2grow.growth.checkpoint.rebuild import build_layer, tensor_shapes
+from net2grow.growth.rules import checkpointable_types, module_rule_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -283,7 +283,7 @@ _FRESH = textwrap.dedent(
     """
     import sys
     import torch
-    import growth
+    from net2grow import growth
 
     torch.set_num_threads(1)  # as in the parent: bitwise-equal reductions
     cases = torch.load(sys.argv[1], weights_only=True)
@@ -673,7 +673,7 @@ def test_every_allowed_layer_type_has_a_growth_rule() -> None:
 
 
 def test_every_function_with_a_rule_can_be_named_and_resolved() -> None:
-    from growth.rules import _FUNCTION_RULES
+    from net2grow.growth.rules import _FUNCTION_RULES
 
     for fn in [*_FUNCTION_RULES, getattr, operator.getitem]:
         name = function_name(fn)
@@ -721,7 +721,7 @@ def test_save_killed_mid_write_leaves_nothing_after_the_next_save(tmp_path: path
         f"""
         import sys, torch
         from torch import nn
-        import growth
+        from net2grow import growth
         net = growth.GrowableNetwork(
             nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 2048)),
             torch.randn(2, 256),

@@ -16,9 +16,9 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from avalanche.models.utils import avalanche_model_adaptation
 from torch import nn
 
-import growth
-from growth import GrowableNetwork
-from strategies import MultiTaskGrowableNetwork
+from net2grow import growth
+from net2grow.growth import GrowableNetwork
+from net2grow.strategies import MultiTaskGrowableNetwork
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -118,12 +118,13 @@ def test_head_checkpoint_loads_in_a_fresh_process_that_imports_strategies(
     torch.save(expected, tmp_path / "y.pt")
     code = textwrap.dedent(
         f"""
-        import torch, growth
+        import torch
+        from net2grow import growth
         try:
             growth.load({str(path)!r})
         except growth.GrowthError as exc:
             print("WITHOUT:", exc)
-        import strategies  # registers Avalanche's heads
+        from net2grow import strategies  # registers Avalanche's heads
         net = growth.load({str(path)!r}).eval()
         y = net(torch.load({str(tmp_path / "x.pt")!r}))
         print("EQUAL:", torch.equal(y, torch.load({str(tmp_path / "y.pt")!r})))
@@ -134,5 +135,5 @@ def test_head_checkpoint_loads_in_a_fresh_process_that_imports_strategies(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert "WITHOUT:" in proc.stdout and "import strategies" in proc.stdout, proc.stdout
+    assert "WITHOUT:" in proc.stdout and "import net2grow.strategies" in proc.stdout, proc.stdout
     assert "EQUAL: True" in proc.stdout, proc.stdout

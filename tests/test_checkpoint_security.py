@@ -25,8 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from growth import GrowableNetwork, GrowthError, load, load_checkpoint, save
-from growth.checkpoint.fileformat import read_payload, write_payload
+from net2grow.growth import GrowableNetwork, GrowthError, load, load_checkpoint, save
+from net2grow.growth.checkpoint.fileformat import read_payload, write_payload
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_reported_exploit_is_refused_in_a_fresh_process(
     path = _forged(tmp_path, clean_payload, _set_graph(EXPLOIT_CHAIN))
     code = textwrap.dedent(
         f"""
-        import growth
+        from net2grow import growth
         try:
             growth.load({str(path)!r})
         except growth.GrowthError as exc:

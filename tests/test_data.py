@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import data
-from benchmarks.data import DataUnavailableError, load_digits_tensors, make_stream
+from net2grow.benchmarks import data
+from net2grow.benchmarks.data import DataUnavailableError, load_digits_tensors, make_stream
 
 
 def _fmnist_or_skip() -> tuple[torch.Tensor, ...]:

@@ -35,7 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from growth import (
+from net2grow.growth import (
     FunctionNotPreservedError,
     GrowableNetwork,
     GrowthError,

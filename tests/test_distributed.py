@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from _launch import launch
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError, GrowthRecord
-from growth.distributed import ReplicaReport, check_replicas, grow_ddp, shared_generator
+from net2grow.growth import GrowableNetwork, GrowthError, GrowthRecord
+from net2grow.growth.distributed import ReplicaReport, check_replicas, grow_ddp, shared_generator
 
 WORLD = 2
 LOCAL_BATCH = 16

@@ -26,11 +26,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import growth.limits
-import growth.rules
-from growth import GrowableNetwork, GrowthError, UnsupportedLayerError
-from growth.rules.linear import LinearRule
-from growth.widen import growth_bytes
+from net2grow import growth
+from net2grow.growth import GrowableNetwork, GrowthError, UnsupportedLayerError
+from net2grow.growth.rules.linear import LinearRule
+from net2grow.growth.widen import growth_bytes
 
 # --------------------------------------------------------------------------------------------
 # helpers

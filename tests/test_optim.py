@@ -29,9 +29,9 @@ import torch
 from _models import assert_state_equal, gen, snapshot
 from torch import Tensor, nn
 
-import growth.optim as gopt
-from growth import FunctionNotPreservedError, GrowableNetwork, GrowthError
-from growth.transform import AxisStep
+import net2grow.growth.optim as gopt
+from net2grow.growth import FunctionNotPreservedError, GrowableNetwork, GrowthError
+from net2grow.growth.transform import AxisStep
 
 # --------------------------------------------------------------------------------------------
 # optimizers, models, data

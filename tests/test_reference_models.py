@@ -23,7 +23,7 @@ from _models import (
 from torchvision.models import DenseNet
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from growth import GrowableNetwork, GrowthError
+from net2grow.growth import GrowableNetwork, GrowthError
 
 pytestmark = pytest.mark.usefixtures("strict_float32")  # conftest.py: no TF32
 

@@ -1,4 +1,4 @@
-"""Resuming growing runs (strategies.resume, ``python -m benchmarks continual --resume``).
+"""Resuming growing runs (strategies.resume, ``python -m net2grow.benchmarks continual --resume``).
 
 The acceptance test kills benchmark runs with SIGKILL at random moments (seeded) and checks that
 the resumed runs end bitwise identical to an uninterrupted one: accuracies, compute, parameter
@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
+from net2grow.growth import GrowableNetwork, GrowthError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def stream():
-    from benchmarks.data import make_stream
+    from net2grow.benchmarks.data import make_stream
 
     return make_stream("split-digits", n_experiences=5, seed=0, train_per_exp=48)
 
@@ -54,8 +54,8 @@ def _growing(*, generator: Any = 0, replay: bool = True, lwf: bool = True, plain
     from avalanche.training.plugins import EvaluationPlugin, LwFPlugin, ReplayPlugin
     from avalanche.training.supervised import Naive
 
-    from strategies import Growing
-    from strategies.policies import OnPlateau
+    from net2grow.strategies import Growing
+    from net2grow.strategies.policies import OnPlateau
 
     torch.manual_seed(0)
     plugins = []
@@ -84,7 +84,7 @@ def _snapshot(strategy: Any) -> dict[str, Any]:
     """Everything that decides how training continues, as comparable values."""
     from avalanche.training.plugins import LwFPlugin, ReplayPlugin
 
-    from strategies import GrowthPlugin
+    from net2grow.strategies import GrowthPlugin
 
     snap: dict[str, Any] = {
         "model_id": id(strategy.model),
@@ -143,7 +143,7 @@ def _assert_same(a: Any, b: Any, where: str = "") -> None:
 
 
 def _train(strategy: Any, experiences: Any) -> None:
-    from benchmarks.continual import evaluate
+    from net2grow.benchmarks.continual import evaluate
 
     for exp in experiences:
         strategy.train(exp)
@@ -157,7 +157,7 @@ def _train(strategy: Any, experiences: Any) -> None:
 
 @pytest.mark.parametrize("plain", [False, True], ids=["growable", "plain-model"])
 def test_save_load_continue_is_bitwise_identical(stream, tmp_path: Path, plain: bool) -> None:
-    from strategies.resume import load_run, save_run
+    from net2grow.strategies.resume import load_run, save_run
 
     bench, _ = stream
     exps = list(bench.train_stream)[:3]
@@ -180,7 +180,7 @@ def test_save_load_continue_is_bitwise_identical(stream, tmp_path: Path, plain: 
 
 
 def test_damaged_file_is_refused_and_nothing_changes(stream, tmp_path: Path) -> None:
-    from strategies.resume import load_run, save_run
+    from net2grow.strategies.resume import load_run, save_run
 
     bench, _ = stream
     first = _growing()
@@ -205,7 +205,7 @@ def test_damaged_file_is_refused_and_nothing_changes(stream, tmp_path: Path) -> 
 
 
 def test_file_of_another_run_is_refused(stream, tmp_path: Path) -> None:
-    from strategies.resume import ResumeMismatchError, load_run, save_run
+    from net2grow.strategies.resume import ResumeMismatchError, load_run, save_run
 
     bench, _ = stream
     first = _growing()
@@ -231,7 +231,7 @@ def test_resume_plugin(stream, tmp_path: Path) -> None:
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import Naive
 
-    from strategies.resume import ResumePlugin, read_run
+    from net2grow.strategies.resume import ResumePlugin, read_run
 
     bench, _ = stream
     exps = list(bench.train_stream)[:2]
@@ -280,8 +280,8 @@ def test_resume_plugin(stream, tmp_path: Path) -> None:
 
 
 def test_plain_data_round_trip() -> None:
-    from strategies.policies import Deepen, Widen
-    from strategies.resume import decode_state, encode_state
+    from net2grow.strategies.policies import Deepen, Widen
+    from net2grow.strategies.resume import decode_state, encode_state
 
     value = {
         "a": (1, 2.5, None, "x"),
@@ -350,7 +350,7 @@ def fork_safe_tqdm():
 
 
 def _fork_main(argv: list[str], log: Path) -> int:
-    """Run ``python -m benchmarks argv`` in a forked child (Avalanche already imported)."""
+    """Run ``python -m net2grow.benchmarks argv`` in a forked child (Avalanche already imported)."""
     pid = os.fork()
     if pid:
         return pid
@@ -362,7 +362,7 @@ def _fork_main(argv: list[str], log: Path) -> int:
         out = open(log, "a", buffering=1)  # noqa: SIM115 (the child exits below)
         sys.stdout = sys.stderr = out
         warnings.simplefilter("ignore")
-        from benchmarks.__main__ import main
+        from net2grow.benchmarks.__main__ import main
 
         code = main(argv)
     except BaseException:
@@ -432,10 +432,10 @@ def test_killed_benchmark_resumes_bitwise_identical(tmp_path: Path, fork_safe_tq
     import avalanche.training  # noqa: F401  (warm imports before forking)
     import matplotlib.pyplot  # noqa: F401
 
-    import benchmarks.continual  # noqa: F401
-    import strategies.resume  # noqa: F401
-    from growth import load_checkpoint
-    from strategies.resume import read_run
+    import net2grow.benchmarks.continual
+    import net2grow.strategies.resume  # noqa: F401
+    from net2grow.growth import load_checkpoint
+    from net2grow.strategies.resume import read_run
 
     sys.stdout.flush(), sys.stderr.flush()
     ref_log = tmp_path / "ref.log"
@@ -471,8 +471,8 @@ def test_killed_benchmark_resumes_bitwise_identical(tmp_path: Path, fork_safe_tq
 
 
 def test_cli_refuses_a_file_of_other_arguments(tmp_path: Path) -> None:
-    from benchmarks.__main__ import main
-    from strategies.resume import save_run
+    from net2grow.benchmarks.__main__ import main
+    from net2grow.strategies.resume import save_run
 
     path = tmp_path / "run.n2g"
     save_run(path, position=0, results={"finished": [], "current": None}, config={"x": 1})
@@ -489,10 +489,10 @@ def test_cli_refuses_a_file_of_other_arguments(tmp_path: Path) -> None:
 def test_task_incremental_benchmark_resumes_identical(tmp_path: Path, monkeypatch) -> None:
     """Task labels, multi-head networks (heads added as tasks arrive), replay over several
     tasks: interrupted right after a save, then resumed in this process."""
-    from benchmarks import continual
-    from benchmarks.__main__ import main
-    from growth import load_checkpoint
-    from strategies.resume import read_run
+    from net2grow.benchmarks import continual
+    from net2grow.benchmarks.__main__ import main
+    from net2grow.growth import load_checkpoint
+    from net2grow.strategies.resume import read_run
 
     argv = [
         "continual", "--device", "cpu", "--scenario", "task", "--experiences", "5",

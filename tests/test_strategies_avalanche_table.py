@@ -83,10 +83,10 @@ from avalanche.training.supervised import (
 )
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
-from strategies import GrowthPlugin
-from strategies.compat import _RWALK_REMAPS, penalty
-from strategies.policies import EveryExperience
+from net2grow.growth import GrowableNetwork, GrowthError
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.compat import _RWALK_REMAPS, penalty
+from net2grow.strategies.policies import EveryExperience
 
 HIDDEN, GROWN = 16, 24
 PROBE = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))

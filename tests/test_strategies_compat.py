@@ -26,9 +26,9 @@ from avalanche.training.plugins import (
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from growth import GrowableNetwork
-from strategies import GrowthPlugin
-from strategies.compat import (
+from net2grow.growth import GrowableNetwork
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.compat import (
     _RWALK_REMAPS,
     OutOfSyncError,
     penalty,
@@ -36,7 +36,7 @@ from strategies.compat import (
     remap_importance,
     remap_value,
 )
-from strategies.policies import OnPlateau, Policy, Widen
+from net2grow.strategies.policies import OnPlateau, Policy, Widen
 
 HIDDEN = 16
 

@@ -56,7 +56,7 @@ requires_gloo = pytest.mark.skipif(
 def _net() -> Any:
     from torch import nn
 
-    from growth import GrowableNetwork
+    from net2grow.growth import GrowableNetwork
 
     torch.manual_seed(0)  # same weights and probe batch on every rank
     model = nn.Sequential(
@@ -73,7 +73,7 @@ def _strategy(
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import Naive
 
-    from strategies import GrowthPlugin
+    from net2grow.strategies import GrowthPlugin
 
     plugin = GrowthPlugin(policy, **growth)
     return Naive(
@@ -96,10 +96,10 @@ def _rank_main(rank: int) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
-    from benchmarks.data import make_stream
-    from growth.distributed import check_replicas
-    from strategies.plugin import ReplicaGrowthError, check_optimizer
-    from strategies.policies import EveryExperience, OnPlateau, Widen
+    from net2grow.benchmarks.data import make_stream
+    from net2grow.growth.distributed import check_replicas
+    from net2grow.strategies.plugin import ReplicaGrowthError, check_optimizer
+    from net2grow.strategies.policies import EveryExperience, OnPlateau, Widen
 
     bench, _ = make_stream("split-digits", n_experiences=5, seed=0)
     out: dict[str, Any] = {}

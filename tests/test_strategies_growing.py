@@ -9,8 +9,8 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from torch import nn
 
-from strategies import Growing, GrowthPlugin
-from strategies.policies import EveryExperience, NewClasses
+from net2grow.strategies import Growing, GrowthPlugin
+from net2grow.strategies.policies import EveryExperience, NewClasses
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from strategies import GrowthPlugin, growth_metrics
-from strategies.policies import EveryExperience, OnPlateau
+from net2grow.strategies import GrowthPlugin, growth_metrics
+from net2grow.strategies.policies import EveryExperience, OnPlateau
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import EWC
 from torch import nn
 
-from strategies import GrowthPlugin
-from strategies.policies import EveryExperience
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.policies import EveryExperience
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from avalanche.training.plugins import (
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from growth import GrowthError
-from strategies import GrowthPlugin
-from strategies.plugin import check_optimizer
-from strategies.policies import EveryExperience, OnPlateau, Policy, Widen
+from net2grow.growth import GrowthError
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.plugin import check_optimizer
+from net2grow.strategies.policies import EveryExperience, OnPlateau, Policy, Widen
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
-from strategies import GrowthPlugin
-from strategies.policies import (
+from net2grow.growth import GrowableNetwork, GrowthError
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.policies import (
     Deepen,
     EveryExperience,
     GrowthPolicy,

@@ -19,11 +19,11 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from growth import GrowableNetwork, GrowthError
-from growth import rules as growth_rules
-from strategies import GrowthPlugin
-from strategies.policies import EveryExperience
-from strategies.rules_avalanche import IncrementalClassifierRule, check_heads
+from net2grow.growth import GrowableNetwork, GrowthError
+from net2grow.growth import rules as growth_rules
+from net2grow.strategies import GrowthPlugin
+from net2grow.strategies.policies import EveryExperience
+from net2grow.strategies.rules_avalanche import IncrementalClassifierRule, check_heads
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growth import GrowableNetwork
+from net2grow.growth import GrowableNetwork
 
 
 def test_backward_after_widen_with_old_graph_alive(device: torch.device) -> None:
@@ -29,7 +29,7 @@ def test_backward_after_widen_with_old_graph_alive(device: torch.device) -> None
 
 def test_verification_runs_without_tf32_and_restores_the_flags(monkeypatch) -> None:
     """cuDNN's default TF32 convolutions would fail a 1e-5 check on Ampere+ GPUs."""
-    from growth import tracing
+    from net2grow.growth import tracing
 
     torch.manual_seed(1)
     net = GrowableNetwork(

@@ -35,7 +35,7 @@ from _models import (
 )
 from torch import Tensor, nn
 
-from growth import GrowableNetwork, GrowthRecord
+from net2grow.growth import GrowableNetwork, GrowthRecord
 
 pytestmark = pytest.mark.usefixtures("strict_float32")  # conftest.py: no TF32
 

@@ -30,7 +30,7 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from growth import GrowableNetwork, GrowthError
+from net2grow.growth import GrowableNetwork, GrowthError
 
 ACTS = {
     "relu": F.relu,

@@ -22,17 +22,15 @@ from _models import (
 )
 from torch import Tensor, nn
 
-import growth.rules
-import growth.rules.norm
-import growth.widen
-from growth import (
+from net2grow import growth
+from net2grow.growth import (
     FunctionNotPreservedError,
     GrowableNetwork,
     GrowthError,
     TraceError,
     UnsupportedLayerError,
 )
-from growth.mapping import UnitMapping
+from net2grow.growth.mapping import UnitMapping
 
 
 class Frozen:

@@ -160,7 +160,8 @@ def layer_type(key: Any, path: str) -> type[nn.Module]:
         if isinstance(key, str) and "." in key and not key.startswith("torch"):
             hint = (
                 "; a type from another package is registered by the code that supports it: "
-                "import that code before loading (for Avalanche's heads: import strategies)"
+                "import that code before loading (for Avalanche's heads: "
+                "import net2grow.strategies)"
             )
         raise _refuse(
             f"builds module {path!r} of type",
@@ -212,7 +213,7 @@ def function_name(fn: Callable[..., Any]) -> str:
         raise GrowthError(
             f"cannot save the network: its graph calls {full}, a function with no growth rule. "
             f"A checkpoint rebuilds only functions that growth.rules knows; register a rule for "
-            f"it (growth.rules.register_function_rule) or keep it inside a module"
+            f"it (net2grow.growth.rules.register_function_rule) or keep it inside a module"
         )
     attr = getattr(fn, "__name__", None)
     for mod_name, mod in FUNCTION_MODULES.items():

@@ -159,7 +159,7 @@ def _describe_modules(net: GrowableNetwork) -> tuple[list[dict[str, Any]], dict[
                     f"{type(child).__module__}.{type(child).__name__}, which a checkpoint cannot "
                     f"rebuild without importing it. Checkpoints support the layer types "
                     f"registered with a growth rule and a checkpoint spec "
-                    f"(growth.rules.register_module_rule(..., spec=ModuleSpec(...)))"
+                    f"(net2grow.growth.rules.register_module_rule(..., spec=ModuleSpec(...)))"
                 )
             else:
                 kind = type(child).__name__ if type(child) in CONTAINERS.values() else "Module"

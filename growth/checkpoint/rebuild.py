@@ -1,6 +1,6 @@
 """Plain description -> network: the loading side, where every entry of a file is untrusted.
 
-Each value is checked against :mod:`growth.checkpoint.allowlist` before it is used: types
+Each value is checked against :mod:`net2grow.growth.checkpoint.allowlist` before it is used: types
 and arguments of layers, names of modules, tensors and attributes, functions, methods and the
 arguments of ``getattr``/``getitem``. Modules are walked through their ``_modules`` tables, never
 through ``getattr``. The first run of the graph on the probe checks every method, ``getattr``
@@ -379,7 +379,7 @@ class _Checked(fx.Interpreter):
             if isinstance(t, Tensor) and t.numel() > MAX_PROBE_ELEMENTS:
                 raise GrowthError(
                     f"the checkpoint's graph makes a tensor of {t.numel():,} elements at node "
-                    f"{n.name!r} from its probe batch (limit growth.checkpoint.rebuild."
+                    f"{n.name!r} from its probe batch (limit net2grow.growth.checkpoint.rebuild."
                     f"MAX_PROBE_ELEMENTS = {MAX_PROBE_ELEMENTS:,}; raise it if you trust the file)"
                 )
 

@@ -117,7 +117,7 @@ def _structure_error(signatures: list[list[tuple]], ranks: list[int], context: s
         break
     return GrowthError(
         f"replicas diverged{context}: {detail}. The ranks grew differently: grow each with the "
-        f"same operation and a generator from growth.distributed.shared_generator()"
+        f"same operation and a generator from net2grow.growth.distributed.shared_generator()"
     )
 
 
@@ -218,7 +218,7 @@ def check_replicas(
             f"replicas diverged{context}: {e.kind} {e.name!r} on rank {ranks[r]} differs "
             f"from rank {ranks[0]} by up to {float(table[r, i]):.3g} (atol {atol:g}); "
             f"{diverged} of {len(compared)} tensors differ. Grow every rank with the same "
-            f"operation and a generator from growth.distributed.shared_generator(), and "
+            f"operation and a generator from net2grow.growth.distributed.shared_generator(), and "
             f"keep rank-local state out of the replicated parameters"
         )
     return ReplicaReport(world, len(compared), elements, float(table.max()) if elements else 0.0)

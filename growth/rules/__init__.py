@@ -2,7 +2,7 @@
 
 Adding support for a new layer type is one rule::
 
-    from growth.rules import ModuleRule, register_module_rule
+    from net2grow.growth.rules import ModuleRule, register_module_rule
     register_module_rule(MyLayer, MyLayerRule())
 
 Module rules are looked up by exact type first, then along the type's MRO. Function rules are
@@ -48,6 +48,7 @@ from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
 __all__ = [
     "ActivationFunction",
     "ActivationRule",
+    "ChannelwiseRule",
     "FunctionRule",
     "ModuleRule",
     "ModuleSpec",
