@@ -1,8 +1,8 @@
 """Net2WiderNet exactness: ``GrowableNetwork.widen`` must not change what the network computes.
 
-Criterion everywhere (DESIGN.md): ``max|y' - y| <= 1e-5 * max|y|`` in float32, eval mode, measured
-on a batch that is *not* the engine's probe batch, so the engine's own verification is not the
-only check.
+Criterion everywhere (the engine's default tolerance): ``max|y' - y| <= 1e-5 * max|y|`` in
+float32, eval mode, measured on a batch that is *not* the engine's probe batch, so the engine's
+own verification is not the only check.
 """
 
 from __future__ import annotations

@@ -702,7 +702,7 @@ def test_repeated_refusals_do_not_accumulate_damage() -> None:
 
 
 def test_refusal_messages_name_the_layer() -> None:
-    """Every refusal of a named layer mentions it (DESIGN: messages name the layer)."""
+    """Every refusal of a named layer mentions it (messages name the layer and the fix)."""
     net, _ = mlp_net(15)
     cases = [
         (("4", 5), {}),
