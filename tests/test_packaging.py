@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+_NOT_SOURCE = (".venv", ".git", "build", "dist", "runs", "results", "*.egg-info", "__pycache__")
+_NOT_SOURCE += (".hypothesis", ".ruff_cache", ".pytest_cache", "*.n2g")
 
 
 def _run(args: list[str], cwd: pathlib.Path, env: dict[str, str] | None = None) -> str:
@@ -26,8 +29,10 @@ def _run(args: list[str], cwd: pathlib.Path, env: dict[str, str] | None = None) 
 def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The wheel, installed into a folder of its own (no dependencies: those are the venv's)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a clean copy: no build/ left over from an earlier build
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(REPO)], tmp)
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(source)], tmp)
     (wheel,) = tmp.glob("net2grow-*.whl")
     _run([*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)], tmp)
     return tmp / "site"
@@ -36,7 +41,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def test_wheel_installs_one_package_with_its_subpackages(installed: pathlib.Path) -> None:
     top = sorted(p.name for p in installed.iterdir() if not p.name.endswith(".dist-info"))
     assert [n for n in top if n != "bin"] == ["net2grow"]
-    for sub in ("growth", "growth/rules", "growth/checkpoint", "strategies", "benchmarks"):
+    in_repo = {
+        init.parent.relative_to(REPO).as_posix()
+        for top in ("growth", "strategies", "benchmarks")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert {"growth/rules", "growth/checkpoint", "strategies/resume"} <= in_repo
+    for sub in sorted(in_repo):  # every package of the checkout is in the wheel
         assert (installed / "net2grow" / sub / "__init__.py").is_file(), sub
     assert (installed / "net2grow" / "py.typed").is_file()
     assert (installed / "bin" / "net2grow").is_file()
