@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Each sets itself up on a fresh machine.
+# `make tb` then shows the demo's TensorBoard runs (every method side by side).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean
+.PHONY: demo tb test venv lint clean
 
 $(STAMP): pyproject.toml
 	@echo ">> setting up $(VENV) (torch, avalanche-lib, dev tools; a few minutes on a fresh machine)"
@@ -19,6 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	@echo ">> make demo: continual-learning benchmark on the offline split-digits stream"
 	@$(PY) -m net2grow.benchmarks continual
+
+# TensorBoard on runs/ (override: make tb RUNS=other/dir TB_ARGS="--port 6007")
+RUNS ?= runs
+TB_ARGS ?=
+tb: $(STAMP)
+	@echo ">> TensorBoard on $(RUNS)/ (Ctrl-C stops it)"
+	@$(VENV)/bin/tensorboard --logdir $(RUNS) $(TB_ARGS)
 
 lint: $(STAMP)
 	@echo ">> ruff check"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -23,6 +24,46 @@ COMMANDS = {
     "net2net": "the Net2Net reproduction: grown networks vs. networks trained from scratch",
     "speed": "growth speed: widen/deepen/trace time against the parameter-copy floor",
 }
+
+
+#: What each command writes (``--out-dir``: results, ``--runs-dir``: runs), for ``--help``.
+WRITES = {
+    "continual": [
+        "results/continual-<stream>-<scenario>.json  every run: accuracy matrix, FLOPs, widths",
+        "results/continual-<stream>-<scenario>.md    the table",
+        "results/continual-<stream>-<scenario>.png   accuracy vs. compute (mean ± std, seeds)",
+        "results/continual-<stream>-<scenario>-curves.png  accuracy per experience",
+        "runs/continual/<stream>-<scenario>/<method>-s<seed>/  TensorBoard, every method",
+        "--resume PATH                               the resume file, when asked for",
+    ],
+    "net2net": [
+        "results/net2net.json, .md, .png             curves per seed, table, accuracy plot",
+        "runs/net2net/<variant>/seed<seed>/           TensorBoard, every variant",
+    ],
+    "speed": [
+        "results/speed.json, .md, .png               timings, table, bar chart",
+        "runs/speed/<date-time>/                      TensorBoard",
+    ],
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; help texts wrapped without breaking method names
+    such as naive-large at their hyphens."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(
+            " ".join(text.split()), width, break_on_hyphens=False, break_long_words=False
+        )
+
+
+def _epilog() -> str:
+    lines = ["files written (results/ and runs/ are --out-dir and --runs-dir):"]
+    for name, files in WRITES.items():
+        lines.append(f"  {name}:")
+        lines.extend(f"    {f}" for f in files)
+    lines.append("see every run side by side: .venv/bin/tensorboard --logdir runs  (make tb)")
+    return "\n".join(lines)
 
 
 def default_device() -> str:
@@ -48,14 +89,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=_device, default=default_device(),
                    help="torch device (default: cuda if available, else cpu; now %(default)s)")
     g.add_argument("--out-dir", default="results",
-                   help="folder for <command>.json, .md and PNG plots (default: %(default)s)")
+                   help="folder for the JSON, Markdown and PNG files listed below "
+                        "(default: %(default)s)")
     g.add_argument("--runs-dir", default="runs",
                    help="folder for TensorBoard runs (default: %(default)s)")
     g.add_argument("--data-root", default=None,
-                   help="folder with Fashion-MNIST's IDX .gz files (default: Debian's "
-                        "/usr/share/datasets/fashion-mnist, else torchvision's download)")
+                   help="folder with Fashion-MNIST's IDX files (.gz or not); default: none, "
+                        "read Debian's /usr/share/datasets/fashion-mnist, else download with "
+                        "torchvision into ./data (split-digits needs no files)")
     g.add_argument("--quick", action="store_true",
-                   help="a tiny run (seconds), for tests and smoke checks")
+                   help="a tiny run (seconds to a minute: one seed, fewer epochs or steps), "
+                        "for tests and smoke checks")
 
 
 def load_command(name: str) -> ModuleType:
@@ -74,11 +118,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="net2grow benchmarks: each command prints a results table and writes "
-                    "results/<command>.json, a Markdown table, PNG plots and TensorBoard runs.",
+                    "JSON, a Markdown table, PNG plots and TensorBoard runs (listed below).",
+        epilog=_epilog(),
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, text in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, conflict_handler="resolve")
+        writes = "writes:\n" + "\n".join(f"  {f}" for f in WRITES.get(name, []))
+        p = sub.add_parser(name, help=text, description=text, epilog=writes,
+                           conflict_handler="resolve",
+                           formatter_class=_Formatter)
         add_common_arguments(p)
         if name == command:
             load_command(name).add_arguments(p)

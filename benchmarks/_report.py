@@ -22,6 +22,7 @@ __all__ = [
     "markdown_table",
     "mean_std",
     "save_plot",
+    "tensorboard_hparams",
     "tensorboard_writer",
     "write_results",
 ]
@@ -214,10 +215,51 @@ def save_plot(fig: Any, name: str, out_dir: str | Path = "results") -> Path:
     return path
 
 
-def tensorboard_writer(run_name: str, root: str | Path = "runs") -> Any:
-    """A ``torch.utils.tensorboard.SummaryWriter`` logging to ``<root>/<run_name>``."""
+def tensorboard_writer(run_name: str, root: str | Path = "runs", fresh: bool = False) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` logging to ``<root>/<run_name>``.
+
+    ``fresh``: first remove the event files an earlier run left there (a rerun replaces the
+    run instead of drawing a second curve over it).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir = Path(root) / run_name
     log_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for old in log_dir.glob("events.out.tfevents.*"):
+            old.unlink()
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def tensorboard_hparams(
+    log_dir: str | Path, hparams: dict[str, Any], metrics: dict[str, float], step: int = 0
+) -> Path:
+    """Record a finished run's settings and results for TensorBoard's HPARAMS tab.
+
+    Written to the child run ``<log_dir>/hparams``: a session (``hparams``: values that are
+    str, bool, int or float; others as text) and the ``metrics`` as scalars at ``step``. No
+    experiment summary is written, so TensorBoard lists the union of the settings of every
+    session under its ``--logdir`` (whichever command wrote them) and, as metrics, the scalars
+    of these child runs. Returns the child run's folder.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    values = {
+        k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in hparams.items()
+    }
+    path = Path(log_dir) / "hparams"
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("events.out.tfevents.*"):
+        old.unlink()  # one session per run: a rerun replaces it
+    writer = SummaryWriter(log_dir=str(path))
+    try:
+        _, start, end = hparams_summary(values, dict(metrics))
+        file_writer = writer._get_file_writer()
+        file_writer.add_summary(start)
+        file_writer.add_summary(end)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, float(value), step)
+    finally:
+        writer.close()
+    return path

@@ -2,34 +2,48 @@
 
 Every method trains the same MLP family with the same optimizer, epochs and minibatch size on
 the same stream. Fixed models are either *small* (the growing models' starting size) or *large*
-(their final-size budget); the growing variants start small and widen every hidden layer after
-each experience so that they end at the large size. Reported per method: final average accuracy,
-average forgetting, final parameter count, training compute (FLOPs counted by
-``torch.utils.flop_counter`` over every training step) and wall time, over several seeds.
+(their final-size budget); the growing variants start small and, before each experience but the
+first, widen every hidden layer to the next width of a geometric schedule from ``--small`` to
+``--large`` whose last step is exactly ``--large`` (:func:`width_schedule`), so that they end at
+the large model's size. Reported per method: final average accuracy, average forgetting, final
+hidden widths and parameter count, training compute (FLOPs counted by
+``torch.utils.flop_counter`` over every ``strategy.train()`` call, see
+:func:`strategies.metrics.training_flops_metric`) and wall time, over several seeds.
+
+Written: ``<out-dir>/continual-<stream>-<scenario>.json`` and ``.md`` (the table), ``.png``
+(accuracy against compute, mean ± std over seeds and every seed's point) and
+``-curves.png`` (accuracy on each experience as the stream is learned), and one TensorBoard run
+per method and seed, ``<runs-dir>/continual/<stream>-<scenario>/<method>-s<seed>``, with the
+same tags for every method (:data:`TB_TAGS`) and the run's settings as TensorBoard hparams.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
+import shlex
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..growth import GrowableNetwork, GrowthError
 
-COLUMNS = ["method", "hidden", "final_acc", "forgetting", "params", "gflops", "seconds"]
+COLUMNS = [
+    "method", "hidden", "widths", "final_acc", "forgetting", "params", "gflops", "seconds",
+]  # fmt: skip
 METHODS = (
     "naive-small",
     "naive-large",
@@ -60,44 +74,104 @@ class Setting:
     device: str
 
 
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "pnn")
+
+#: TensorBoard tags every run of every method has (scalars, plotted against the step named).
+TB_TAGS = {
+    "Accuracy/stream": "mean test accuracy over the whole stream; step: experiences trained",
+    "Accuracy/exp_<k>": "test accuracy on experience k; step: experiences trained",
+    "Accuracy_vs_FLOPs/stream": "Accuracy/stream; step: training FLOPs so far",
+    "Forgetting/stream": "mean drop from best to current accuracy over the experiences trained "
+    "before the last one; step: experiences trained",
+    "Loss/train": "training loss of each minibatch (penalties included); step: iteration",
+    "Loss/train_epoch": "mean training loss of each epoch; step: iteration",
+    "Model/num_parameters": "parameter count; step: iteration",
+    "Model/training_flops": "training FLOPs so far; step: iteration",
+    "Model/width/hidden<i>": "width of hidden layer i (PNN: summed over columns); step: iteration",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    g = parser.add_argument_group("continual")
+    g.add_argument(
         "--stream",
         default="split-digits",
         choices=["split-digits", "split-fmnist", "permuted-fmnist"],
+        help="the stream: scikit-learn's digits split in class pairs, Fashion-MNIST split in "
+        "class pairs, or Fashion-MNIST under pixel permutations (default: %(default)s)",
     )
-    parser.add_argument(
+    g.add_argument(
         "--scenario",
         default=None,
         choices=["class", "task", "domain"],
-        help="default: domain for permuted-fmnist, class otherwise",
+        help="class-, task- (task labels, one head per task) or domain-incremental "
+        "(default: domain for permuted-fmnist, class otherwise)",
     )
-    parser.add_argument("--experiences", type=int, default=None)
-    parser.add_argument(
+    g.add_argument(
+        "--experiences",
+        type=int,
+        default=None,
+        help="experiences in the stream; split streams need a divisor of 10 "
+        "(default: 5 for split-digits and split-fmnist, 10 for permuted-fmnist)",
+    )
+    g.add_argument(
         "--methods",
-        default=",".join(m for m in METHODS if m != "pnn"),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods, from {', '.join(METHODS)} (default: all but pnn, "
+        f"which needs --scenario task: %(default)s)",
     )
-    parser.add_argument("--small", type=int, default=16, help="hidden width of small models")
-    parser.add_argument("--large", type=int, default=64, help="hidden width of large models")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--mb-size", type=int, default=None, help="default: 32 on digits, 64 else")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
+    g.add_argument(
+        "--small",
+        type=int,
+        default=16,
+        help="hidden width of the small models and the grow-* variants' start "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--large",
+        type=int,
+        default=64,
+        help="hidden width of the large models and the grow-* variants' exact final width "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs per experience (default: 8 on split-digits, 2 on the "
+        "Fashion-MNIST streams; --quick: 1)",
+    )
+    g.add_argument(
+        "--mb-size",
+        type=int,
+        default=None,
+        help="training minibatch size (default: 32 on split-digits, 64 otherwise)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)"
+    )
+    g.add_argument(
         "--train-per-exp",
         type=int,
         default=None,
-        help="subsample training images per experience (Fashion-MNIST)",
+        help="subsample about this many training images per experience (default: all; "
+        "--quick: 500 on the Fashion-MNIST streams)",
     )
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument(
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default: %(default)s, the fastest for these small MLPs "
+        "on a shared machine)",
+    )
+    g.add_argument(
         "--resume",
         default=None,
         metavar="PATH",
         help="resume file: saved after every experience; a run restarted with the same "
         "arguments continues where the file stands (finished seeds and methods are skipped, "
-        "an interrupted method continues from its last experience) with the same results",
+        "an interrupted method continues from its last experience) with the same results "
+        "(default: none)",
     )
 
 
@@ -139,6 +213,140 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def width_schedule(small: int, large: int, growths: int) -> list[int]:
+    """Hidden widths of the grow-* variants: ``widths[k]`` before experience ``k``.
+
+    A geometric schedule from ``small`` to ``large`` in ``growths`` steps, rounded, never
+    shrinking, whose last width is exactly ``large`` (16 -> 64 in 4 steps: 16, 23, 32, 45, 64).
+    No growth (``growths == 0``, a one-experience stream): ``[small]``.
+    """
+    if small < 1 or large < small:
+        raise ValueError(f"need 1 <= small <= large, got small={small}, large={large}")
+    if growths < 1:
+        return [small]
+    widths = [small]
+    for k in range(1, growths + 1):
+        w = large if k == growths else round(small * (large / small) ** (k / growths))
+        widths.append(max(widths[-1], min(int(w), large)))
+    return widths
+
+
+class WidthSchedule:
+    """Growth policy of the grow-* variants: before experience ``k`` (k >= 1), widen every
+    hidden layer narrower than ``widths[k]`` to exactly ``widths[k]`` (the last width for
+    later experiences). Stateless: decisions read the strategy's clock and the network."""
+
+    def __init__(self, widths: list[int]) -> None:
+        self.widths = [int(w) for w in widths]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[Any]:
+        from ..strategies.policies import Widen
+
+        k = int(strategy.clock.train_exp_counter)
+        if k == 0:
+            return []
+        target = self.widths[min(k, len(self.widths) - 1)]
+        return [Widen(n, width=target) for n in net.layers if net.width(n) < target]
+
+    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> list[Any]:
+        return []
+
+
+def hidden_widths(model: nn.Module) -> list[int]:
+    """Widths of the hidden layers of a model of this benchmark (PNN: summed over columns)."""
+    from avalanche.models import PNN
+
+    if isinstance(model, GrowableNetwork):
+        return [int(model.width(name)) for name in model.layers]
+    if isinstance(model, PNN):
+        return [sum(int(c.itoh.out_features) for c in layer.columns) for layer in model.layers]
+    trunk = model.features if isinstance(model, MultiHeadMLP) else model[:-1]
+    return [int(m.out_features) for m in trunk.modules() if isinstance(m, nn.Linear)]
+
+
+@functools.cache
+def _metric_classes() -> tuple[type, type]:
+    """The benchmark's own Avalanche metrics, ``(TrainingLoss, HiddenWidths)``: defined on
+    first use, as this module imports Avalanche only when a run starts (``--help`` stays fast).
+    """
+    from avalanche.evaluation import PluginMetric
+    from avalanche.evaluation.metric_results import MetricValue
+
+    class TrainingLoss(PluginMetric[float]):
+        """``Loss/train`` after every training iteration (``strategy.loss``: the minibatch
+        loss, penalties included) and ``Loss/train_epoch``, the epoch's mean, at its end."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0.0
+            self.count = 0
+
+        def result(self) -> float | None:
+            return self.total / self.count if self.count else None
+
+        def reset(self) -> None:
+            self.total, self.count = 0.0, 0
+
+        def before_training_epoch(self, strategy: Any) -> None:
+            self.reset()
+
+        def after_training_iteration(self, strategy: Any) -> Any:
+            super().after_training_iteration(strategy)
+            loss = float(strategy.loss.detach())
+            self.total += loss
+            self.count += 1
+            return [MetricValue(self, "Loss/train", loss, int(strategy.clock.train_iterations))]
+
+        def after_training_epoch(self, strategy: Any) -> Any:
+            if not self.count:
+                return None
+            x = int(strategy.clock.train_iterations)
+            return [MetricValue(self, "Loss/train_epoch", self.total / self.count, x)]
+
+        def __str__(self) -> str:
+            return "TrainingLoss"
+
+    class HiddenWidths(PluginMetric[list]):
+        """``Model/width/hidden<i>`` at the start and end of every training experience."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.widths: list[int] = []
+
+        def result(self) -> list[int]:
+            return list(self.widths)
+
+        def reset(self) -> None:
+            self.widths = []
+
+        def _emit(self, strategy: Any) -> Any:
+            self.widths = hidden_widths(strategy.model)
+            x = int(strategy.clock.train_iterations)
+            return [
+                MetricValue(self, f"Model/width/hidden{i + 1}", w, x)
+                for i, w in enumerate(self.widths)
+            ]
+
+        def before_training_exp(self, strategy: Any) -> Any:
+            return self._emit(strategy)
+
+        def after_training_exp(self, strategy: Any) -> Any:
+            return self._emit(strategy)
+
+        def __str__(self) -> str:
+            return "HiddenWidths"
+
+    TrainingLoss.__qualname__ = "TrainingLoss"  # resume files name metrics by class
+    HiddenWidths.__qualname__ = "HiddenWidths"
+    return TrainingLoss, HiddenWidths
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: Any, device: str, mb_size: int = 512) -> list[float]:
     """Accuracy on each experience of ``stream``."""
@@ -171,28 +379,53 @@ def forgetting(matrix: list[list[float]]) -> float:
     return sum(drops) / len(drops) if drops else 0.0
 
 
+GROWING = ("grow-naive", "grow-replay", "grow-ewc")
+
+
 def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | None):
-    """Build (strategy, model) for ``method``."""
+    """Build ``(strategy, model)`` for ``method``.
+
+    Every method gets the same evaluator metrics (parameter count, training FLOPs, training
+    loss, hidden widths; the growth metrics for grow-*), logged to a ``TensorboardLogger`` in
+    ``tb_dir`` when given.
+    """
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import EWC, JointTraining, LwF, Naive, PNNStrategy, Replay
 
     from .. import strategies  # noqa: F401  (its first import draws from torch's RNG: before seeding)
+    from ..strategies.metrics import (
+        growth_metrics,
+        parameter_count_metric,
+        training_flops_metric,
+    )
 
     torch.manual_seed(seed)  # every RNG, so that a run does not depend on the ones before it
     random.seed(seed)
     np.random.seed(seed)
     in_features = math.prod(meta.input_shape)
     n_out = meta.n_classes
-    hidden = (
-        s.small if method in ("naive-small", "grow-naive", "grow-replay", "grow-ewc") else s.large
-    )
+    hidden = s.small if method in ("naive-small", *GROWING) else s.large
+    training_loss, widths = _metric_classes()
+    metrics: list[Any] = [
+        parameter_count_metric(),
+        training_flops_metric(),
+        training_loss(),
+        widths(),
+    ]
+    if method in GROWING:
+        metrics.extend(growth_metrics())
+    loggers = []
+    if tb_dir is not None:
+        from avalanche.logging import TensorboardLogger
+
+        loggers.append(TensorboardLogger(tb_log_dir=tb_dir))
     common = dict(
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=s.mb_size,
         train_epochs=s.epochs,
         eval_mb_size=512,
         device=s.device,
-        evaluator=EvaluationPlugin(loggers=[]),
+        evaluator=EvaluationPlugin(*metrics, loggers=loggers),
     )
     if method == "pnn":
         from avalanche.models import PNN
@@ -208,23 +441,16 @@ def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | 
         example = (torch.zeros(2, *meta.input_shape), torch.zeros(2, dtype=torch.long))
         model = MultiTaskGrowableNetwork(model, example)
     plugins = []
-    if method.startswith("grow-"):
-        from ..strategies import GrowthPlugin, growth_metrics
-        from ..strategies.policies import EveryExperience
+    if method in GROWING:
+        from ..strategies import GrowthPlugin
 
         if not task_aware:
             model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
-        growths = max(meta.n_experiences - 1, 1)
-        factor = (s.large / s.small) ** (1 / growths)
-        # final-size budget: the large model (task heads are added as tasks arrive: no cap)
+        schedule = width_schedule(s.small, s.large, meta.n_experiences - 1)
+        # final-size budget: the large model (task heads are added as tasks arrive: no cap);
+        # the schedule ends exactly there, the budget only guards it
         budget = None if task_aware else count_params(mlp(in_features, s.large, n_out))
-        plugins.append(GrowthPlugin(EveryExperience(factor=factor), max_params=budget))
-        if tb_dir is not None:
-            from avalanche.logging import TensorboardLogger
-
-            common["evaluator"] = EvaluationPlugin(
-                growth_metrics(), loggers=[TensorboardLogger(tb_log_dir=tb_dir)]
-            )
+        plugins.append(GrowthPlugin(WidthSchedule(schedule), max_params=budget))
     model = model.to(s.device)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     base = method.removeprefix("grow-")
@@ -313,6 +539,101 @@ def resumable_within(method: str, s: Setting) -> bool:
     return method != "pnn" and not (method == "lwf" and s.scenario == "task")
 
 
+def forgetting_after(matrix: list[list[float]], i: int) -> float:
+    """:func:`forgetting` after training step ``i`` (0-based), over the experiences trained
+    before it: mean drop from their best accuracy so far to their accuracy after step ``i``."""
+    if i < 1:
+        return 0.0
+    rows, now = matrix[: i + 1], matrix[i]
+    drops = [max(row[j] for row in rows[:-1]) - now[j] for j in range(i)]
+    return sum(drops) / len(drops)
+
+
+def _tensorboard(strategy: Any) -> Any:
+    """The ``SummaryWriter`` of the strategy's ``TensorboardLogger`` (None without one)."""
+    from avalanche.logging import TensorboardLogger
+
+    loggers = strategy.evaluator.loggers
+    return next((lg.writer for lg in loggers if isinstance(lg, TensorboardLogger)), None)
+
+
+def _log_accuracy(
+    writer: Any, row: list[float], step: int, flops: int, matrix: list[list[float]], joint: bool
+) -> None:
+    """Accuracy per experience and over the stream, forgetting, accuracy against FLOPs."""
+    stream = sum(row) / len(row)
+    for k, acc in enumerate(row):
+        writer.add_scalar(f"Accuracy/exp_{k:03d}", acc, step)
+    writer.add_scalar("Accuracy/stream", stream, step)
+    writer.add_scalar("Accuracy_vs_FLOPs/stream", stream, int(flops))
+    writer.add_scalar(
+        "Forgetting/stream", 0.0 if joint else forgetting_after(matrix, len(matrix) - 1), step
+    )
+
+
+def _log_run(
+    writer: Any, strategy: Any, method: str, s: Setting, result: dict[str, Any], tb_dir: str
+) -> None:
+    """A finished run: its settings and results as TensorBoard hparams (the child run
+    ``<tb_dir>/hparams``), its growth events as a text table."""
+    from ._report import tensorboard_hparams
+
+    settings = {
+        "command": "continual",
+        "method": method,
+        "growing": method in GROWING,
+        "seed": int(result["seed"]),
+        **dict(s.__dict__),
+        "final_widths": "/".join(str(w) for w in result["widths"]),
+    }
+    values = {
+        "hparams/final_acc": float(result["final_acc"]),
+        "hparams/forgetting": float(result["forgetting"]),
+        "hparams/params": float(result["params"]),
+        "hparams/gflops": result["flops"] / 1e9,
+        "hparams/seconds": float(result["seconds"]),
+    }
+    step = len(result["matrix"])
+    tensorboard_hparams(tb_dir, settings, values, step)
+    events = _growth_events(strategy)
+    if events:
+        lines = [
+            "| experience | iteration | layer | status | old width | new width | params after "
+            "| max abs error | seconds |",
+            "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for e in events:
+            err = "-" if e.max_abs_error is None else f"{e.max_abs_error:.2e}"
+            lines.append(
+                f"| {e.experience} | {e.iteration} | {e.layer} | {e.status} | {e.old_width} "
+                f"| {e.new_width} | {e.params_after:,} | {err} | {e.seconds:.4f} |"
+            )
+        writer.add_text("Growth/events", "\n".join(lines), step)
+    writer.flush()
+
+
+def _growth_events(strategy: Any) -> list[Any]:
+    from ..strategies import GrowthPlugin
+
+    plugin = next((p for p in strategy.plugins if isinstance(p, GrowthPlugin)), None)
+    return list(plugin.events) if plugin is not None else []
+
+
+def _flops_metric(strategy: Any) -> Any:
+    from ..strategies.metrics import TrainingFlopsMetric
+
+    return next(m for m in strategy.evaluator.metrics if isinstance(m, TrainingFlopsMetric))
+
+
+def _clear_events(tb_dir: str) -> None:
+    """Remove the TensorBoard event files a previous run left in ``tb_dir`` (a fresh run
+    replaces them; a resumed one adds its file beside them)."""
+    if os.path.isdir(tb_dir):
+        for name in os.listdir(tb_dir):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(tb_dir, name))
+
+
 def run_method(
     method: str,
     s: Setting,
@@ -322,17 +643,24 @@ def run_method(
     tb_dir: str | None,
     run_file: RunFile | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on the whole stream; accuracy matrix, compute, size, time.
+    """Train ``method`` on the whole stream; accuracy matrix, compute, size, widths, time.
 
     With ``run_file``, the strategy's state is saved after every experience (and its
-    evaluation) and a run in progress continues from the file.
+    evaluation) and a run in progress continues from the file. With ``tb_dir``, the run is
+    logged to TensorBoard there (:data:`TB_TAGS`, hparams, growth events).
     """
+    within = run_file is not None and resumable_within(method, s)
+    current = run_file.current if within and run_file is not None else None
+    resuming = current is not None and current["seed"] == seed and current["method"] == method
+    if tb_dir is not None and not resuming:
+        _clear_events(tb_dir)
     strategy, _ = _make_strategy(method, s, meta, seed, tb_dir)
+    writer = _tensorboard(strategy)
+    flops_metric = _flops_metric(strategy)
     matrix: list[list[float]] = []
     flops = 0
     seconds_before = 0.0
     first = 0
-    within = run_file is not None and resumable_within(method, s)
     if within and run_file is not None:
         restored = run_file.restore(strategy, seed, method)
         if restored is not None:
@@ -341,13 +669,16 @@ def run_method(
             flops = int(progress["flops"])
             seconds_before = float(progress["seconds"])
     start = time.perf_counter()
-    steps = [bench.train_stream] if method == "joint" else list(bench.train_stream)
+    joint = method == "joint"
+    steps = [bench.train_stream] if joint else list(bench.train_stream)
     for i in range(first, len(steps)):
-        counter = FlopCounterMode(display=False)  # entering a counter resets it: one per call
-        with counter:
-            strategy.train(steps[i])
-        flops += counter.get_total_flops()
+        before = flops_metric.result()
+        strategy.train(steps[i])  # FLOPs: counted by the evaluator's training_flops_metric()
+        flops += flops_metric.result() - before
         matrix.append(evaluate(strategy.model, bench.test_stream, s.device))
+        if writer is not None:
+            step = len(bench.train_stream) if joint else i + 1
+            _log_accuracy(writer, matrix[-1], step, flops, matrix, joint)
         if within and run_file is not None:
             progress = {
                 "seed": seed,
@@ -364,10 +695,14 @@ def run_method(
         "final_acc": sum(matrix[-1]) / len(matrix[-1]),
         "forgetting": forgetting(matrix),
         "params": count_params(strategy.model),
+        "widths": hidden_widths(strategy.model),
         "flops": int(flops),
         "seconds": seconds,
         "matrix": matrix,
     }
+    if writer is not None:
+        _log_run(writer, strategy, method, s, result, str(tb_dir))
+        writer.close()
     if run_file is not None:
         run_file.finish(result, strategy if within else None, len(steps) if within else 0)
     return result
@@ -395,6 +730,9 @@ def _resume_config(
     (not the output folders)."""
     return {
         "command": "continual",
+        # 2: grow-* follow width_schedule() (exact final widths), every method's evaluator
+        # holds the TensorBoard metrics; files of version 1 hold other results
+        "version": 2,
         "setting": dict(setting.__dict__),
         "seeds": list(seeds),
         "methods": list(methods),
@@ -417,6 +755,27 @@ def _without_avalanche_deprecations(show: Callable) -> Callable:
     return quiet
 
 
+def tensorboard_command(runs_dir: str) -> str:
+    """A command line that starts TensorBoard on ``runs_dir`` without activating the venv:
+    the ``tensorboard`` script beside this Python (``.venv/bin/tensorboard`` when the venv is
+    under the current folder), else ``<python> -m tensorboard.main``."""
+    logdir = shlex.quote(str(runs_dir))
+    script = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    if not os.path.exists(script):
+        return f"{shlex.quote(sys.executable)} -m tensorboard.main --logdir {logdir}"
+    rel = os.path.relpath(script)
+    exe = script if rel.startswith(os.pardir) else rel if os.sep in rel else f".{os.sep}{rel}"
+    return f"{shlex.quote(exe)} --logdir {logdir}"
+
+
+def _hidden_setting(method: str, s: Setting) -> str:
+    if method in GROWING:
+        return f"{s.small}->{s.large}"
+    if method == "pnn":
+        return f"{s.small}/column"
+    return str(s.small if method == "naive-small" else s.large)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every requested method over the seeds; print, write and plot the comparison."""
     from ._report import (
@@ -436,6 +795,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if not 1 <= args.small <= args.large:
+        raise SystemExit(f"need 1 <= --small <= --large, got {args.small} and {args.large}")
     if "pnn" in methods and args.scenario != "task":
         methods.remove("pnn")  # PNN needs task labels
     scenario = "class" if args.scenario == "domain" else args.scenario
@@ -457,6 +818,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "resume", None):
         run_file = RunFile(args.resume, _resume_config(args, setting, seeds, methods))
     results: list[dict[str, Any]] = []
+    tb_root = f"{args.runs_dir}/continual/{args.stream}-{args.scenario}"
     bar = tqdm(total=len(seeds) * len(methods), desc="continual", unit="run")
     for seed in seeds:
         bench = meta = None
@@ -476,20 +838,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     train_per_exp=args.train_per_exp,
                 )
             bar.set_postfix_str(f"{method} seed {seed}")
-            tb = f"{args.runs_dir}/continual/{args.stream}-{args.scenario}/{method}-s{seed}"
+            tb = f"{tb_root}/{method}-s{seed}"
             results.append(run_method(method, setting, bench, meta, seed, tb, run_file))
             bar.update()
     bar.close()
     rows = []
     for method in methods:
         rs = [r for r in results if r["method"] == method]
-        hidden = setting.small if method in ("naive-small", "pnn") else setting.large
-        if method.startswith("grow-"):
-            hidden = f"{setting.small}->{setting.large}"
+        widths = list(dict.fromkeys("/".join(str(w) for w in r["widths"]) for r in rs))
         rows.append(
             {
                 "method": method,
-                "hidden": hidden,
+                "hidden": _hidden_setting(method, setting),
+                "widths": " | ".join(widths),
                 "final_acc": fmt_mean_std([r["final_acc"] for r in rs]),
                 "forgetting": fmt_mean_std([r["forgetting"] for r in rs]),
                 "params": f"{int(mean_std([r['params'] for r in rs])[0]):,}",
@@ -499,33 +860,118 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     print(f"\ncontinual: {args.stream} ({args.scenario}-incremental), seeds {seeds}")
     print(format_table(rows, COLUMNS))
+    print("hidden: the setting; widths: the hidden layers' final widths (PNN: all columns)")
     name = f"continual-{args.stream}-{args.scenario}"
     payload = {"setting": setting.__dict__, "seeds": seeds, "runs": results}
     paths = write_results(name, payload, rows, COLUMNS, out_dir=args.out_dir)
-    paths["plot"] = save_plot(_plot(results, methods), name, out_dir=args.out_dir)
+    paths["plot"] = save_plot(_plot(results, methods, args), name, out_dir=args.out_dir)
+    paths["curves"] = save_plot(
+        _plot_curves(results, methods, args), f"{name}-curves", out_dir=args.out_dir
+    )
+    paths["tensorboard"] = Path(tb_root)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    print(f"TensorBoard: tensorboard --logdir {args.runs_dir}")
+    print(f"TensorBoard: {tensorboard_command(args.runs_dir)}")
     return {"rows": rows, "runs": results, "paths": {k: str(v) for k, v in paths.items()}}
 
 
-def _plot(results: list[dict[str, Any]], methods: list[str]) -> Any:
+def _style(method: str) -> dict[str, Any]:
+    return {"marker": "^" if method in GROWING else "o"}
+
+
+def _plot(results: list[dict[str, Any]], methods: list[str], args: Any = None) -> Any:
+    """Final accuracy against training compute: every seed's point (small, faint) and the
+    mean over seeds with ±1 sample-std error bars on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from ._report import mean_std
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for method in methods:
         rs = [r for r in results if r["method"] == method]
+        if not rs:
+            continue
         xs = [r["flops"] / 1e9 for r in rs]
         ys = [r["final_acc"] for r in rs]
-        marker = "^" if method.startswith("grow-") else "o"
-        ax.scatter(xs, ys, marker=marker, label=method)
+        (mx, sx), (my, sy) = mean_std(xs), mean_std(ys)
+        bar = ax.errorbar(
+            [mx], [my], xerr=[sx], yerr=[sy], linestyle="none", capsize=3, markersize=7,
+            label=method, **_style(method),
+        )  # fmt: skip
+        color = bar[0].get_color()
+        if len(rs) > 1:
+            ax.scatter(xs, ys, s=12, alpha=0.35, color=color, **_style(method))
+    seeds = len({r["seed"] for r in results})
     ax.set_xlabel("training compute (GFLOPs, torch.utils.flop_counter)")
     ax.set_ylabel("final average accuracy")
-    ax.set_title("accuracy against compute")
+    where = f"{args.stream}, {args.scenario}-incremental; " if args is not None else ""
+    ax.set_title(
+        f"accuracy against compute ({where}{seeds} seed(s): mean ± std, faint: each seed)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_curves(results: list[dict[str, Any]], methods: list[str], args: Any = None) -> Any:
+    """Accuracy on each test experience (and on the whole stream) after each training
+    experience: mean over seeds, shaded ±1 sample std. Joint training is one point at the end.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    n = max(len(r["matrix"][-1]) for r in results)
+    panels = n + 1
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, sharey=True, squeeze=False
+    )
+    flat = axes.ravel()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for m_idx, method in enumerate(methods):
+        rs = [r for r in results if r["method"] == method]
+        if not rs:
+            continue
+        color = colors[m_idx % len(colors)]
+        mats = np.array([r["matrix"] for r in rs], dtype=float)  # seeds x steps x experiences
+        xs = np.arange(1, mats.shape[1] + 1) if mats.shape[1] > 1 else np.array([n])
+        series = [mats.mean(axis=2)] + [mats[:, :, k] for k in range(n)]
+        for ax, values in zip(flat, series):
+            mean = values.mean(axis=0)
+            std = values.std(axis=0, ddof=1) if len(rs) > 1 else np.zeros_like(mean)
+            if len(xs) == 1:  # joint training: one evaluation, at the end
+                ax.errorbar(xs, mean, yerr=std, color=color, label=method, capsize=3,
+                            markersize=5, linestyle="none", **_style(method))  # fmt: skip
+                continue
+            style = "--" if method in GROWING else "-"
+            ax.plot(xs, mean, style, color=color, label=method, **_style(method), markersize=4)
+            if len(rs) > 1:
+                ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.12)
+    flat[0].set_title("whole stream (mean over experiences)", fontsize=9)
+    for k in range(n):
+        flat[k + 1].set_title(f"test experience {k}", fontsize=9)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    for ax in flat[:panels]:
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[-1]:
+        ax.set_xlabel("experiences trained")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy")
+    flat[0].legend(fontsize=7)
+    seeds = len({r["seed"] for r in results})
+    where = f"{args.stream}, {args.scenario}-incremental, " if args is not None else ""
+    fig.suptitle(f"accuracy per experience ({where}{seeds} seed(s), mean ± std)", fontsize=10)
     fig.tight_layout()
     return fig

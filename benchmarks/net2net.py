@@ -27,6 +27,7 @@ teacher sees the same sequence of minibatches. Test accuracy is measured every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import time
@@ -38,10 +39,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..growth import GrowableNetwork
-from ._report import fmt_mean_std, format_table, save_plot, tensorboard_writer, write_results
+from ._report import (
+    fmt_mean_std,
+    format_table,
+    save_plot,
+    tensorboard_hparams,
+    tensorboard_writer,
+    write_results,
+)
 from .data import load_fashion_mnist
 
 NAME = "net2net"
@@ -451,6 +460,7 @@ class Curve:
     accuracy: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     seconds: float = 0.0  # training (and growth) time, evaluation excluded
+    flops_per_step: int = 0  # FLOPs of one SGD step (every step has the same shapes)
 
 
 def train(
@@ -466,7 +476,9 @@ def train(
 ) -> Curve:
     """Train ``net`` for ``steps`` SGD steps, evaluating every ``cfg.eval_every`` steps.
 
-    Step 0 is evaluated before the first update; the last step is always evaluated.
+    Step 0 is evaluated before the first update; the last step is always evaluated. The
+    first step runs under ``torch.utils.flop_counter.FlopCounterMode``: every step has the
+    same shapes, so step ``k`` has cost ``k`` times as much (``model/training_flops``).
     """
     device = torch.device(cfg.device)
     curve = Curve()
@@ -474,6 +486,7 @@ def train(
         len(data.x_train), min(cfg.batch_size, len(data.x_train)), order_seed, device
     )
     losses: list[Tensor] = []
+    params = sum(p.numel() for p in net.parameters())
 
     def log(step: int) -> None:
         acc, _ = evaluate(net, data.x_test, data.y_test)
@@ -486,6 +499,8 @@ def train(
             writer.add_scalar("accuracy/test", acc, step)
             if not math.isnan(loss):
                 writer.add_scalar("loss/train", loss, step)
+            writer.add_scalar("model/num_parameters", params, step)
+            writer.add_scalar("model/training_flops", curve.flops_per_step * step, step)
 
     log(0)
     net.train()
@@ -493,10 +508,14 @@ def train(
         _sync(device)
         start = time.perf_counter()
         idx = next(batches)
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
-        loss.backward()
-        opt.step()
+        counter = FlopCounterMode(display=False) if step == 1 else contextlib.nullcontext()
+        with counter:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
+            loss.backward()
+            opt.step()
+        if step == 1:
+            curve.flops_per_step = int(counter.get_total_flops())
         losses.append(loss.detach())
         _sync(device)
         curve.seconds += time.perf_counter() - start
@@ -572,7 +591,23 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
     out: dict[str, Any] = {}
 
     def writer_for(key: str) -> Any:
-        return tensorboard_writer(f"{NAME}/{key}/seed{seed}", root=str(cfg.runs_dir))
+        return tensorboard_writer(f"{NAME}/{key}/seed{seed}", root=str(cfg.runs_dir), fresh=True)
+
+    def hparams_for(key: str, result: dict[str, Any]) -> None:
+        settings = {
+            "command": NAME,
+            "variant": key,
+            "seed": seed,
+            **{k: v for k, v in vars(cfg).items() if k not in ("seeds", "out_dir", "runs_dir")},
+        }
+        values = {
+            "hparams/final_acc": result["accuracy"][-1],
+            "hparams/params": float(result["params"]),
+            "hparams/gflops": result["flops_per_step"] * result["steps"][-1] / 1e9,
+            "hparams/seconds": result["seconds"],
+        }
+        run_dir = cfg.runs_dir / NAME / key / f"seed{seed}"
+        tensorboard_hparams(run_dir, settings, values, result["steps"][-1])
 
     # the teacher: the narrow network trained from scratch
     teacher = _seeded(seed, lambda: GrowableNetwork(SmallCNN(), example_inputs=example.cpu()))
@@ -594,6 +629,7 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
         writer.close()
     teacher_acc, teacher_logits = evaluate(teacher, data.x_test, data.y_test)
     out["narrow-scratch"] = _result(curve, teacher, None, None)
+    hparams_for("narrow-scratch", out["narrow-scratch"])
 
     wide_widths = [int(round(teacher.width(n) * cfg.widen_factor)) for n in WIDEN_LAYERS]
     for v in vs:
@@ -633,6 +669,7 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
             writer.close()
         curve.seconds += grow_seconds
         out[v.key] = _result(curve, net, change, records)
+        hparams_for(v.key, out[v.key])
     return {"seed": seed, "teacher_accuracy": teacher_acc, "variants": out}
 
 
@@ -644,6 +681,7 @@ def _result(
         "accuracy": curve.accuracy,
         "loss": curve.loss,
         "seconds": curve.seconds,
+        "flops_per_step": curve.flops_per_step,
         "params": sum(p.numel() for p in net.parameters()),
         "logit_change_at_0": change,
         "growth": records,

@@ -102,3 +102,39 @@ def test_students_start_at_the_teachers_accuracy(
         assert summary[key]["params"] == summary["wide-scratch"]["params"], key
     assert summary["net2deeper"]["params"] == summary["deep-scratch"]["params"]
     assert summary["teacher-continued"]["params"] == summary["narrow-scratch"]["params"]
+
+
+def test_every_variant_logs_accuracy_loss_params_flops_and_hparams(
+    quick_run: tuple[dict, Path, Path],
+) -> None:
+    """One TensorBoard run per variant with the same tags, read back; its settings and final
+    results as an hparams session in the child run ``hparams``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    result, _, runs_dir = quick_run
+    (seed,) = result["per_seed"]
+    for key, run in seed["variants"].items():
+        acc = EventAccumulator(str(runs_dir / "net2net" / key / "seed0"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"accuracy/test", "loss/train", "model/num_parameters",
+                "model/training_flops"} <= tags, (key, tags)  # fmt: skip
+        accuracy = acc.Scalars("accuracy/test")
+        assert [e.step for e in accuracy] == run["steps"], key
+        assert accuracy[-1].value == pytest.approx(run["accuracy"][-1], abs=1e-6), key
+        assert acc.Scalars("model/num_parameters")[-1].value == run["params"], key
+        flops = acc.Scalars("model/training_flops")
+        assert flops[0].value == 0 and run["flops_per_step"] > 0, key
+        assert flops[-1].value == pytest.approx(run["flops_per_step"] * run["steps"][-1], rel=1e-6)
+        hp = EventAccumulator(str(runs_dir / "net2net" / key / "seed0" / "hparams"))
+        hp.Reload()
+        content = hp.PluginTagToContent(metadata.PLUGIN_NAME)
+        start = metadata.parse_session_start_info_plugin_data(
+            content[metadata.SESSION_START_INFO_TAG]
+        )
+        assert start.hparams["variant"].string_value == key
+        assert hp.Scalars("hparams/final_acc")[-1].value == pytest.approx(run["accuracy"][-1])
+    # wider networks cost more per step
+    per_step = {k: r["flops_per_step"] for k, r in seed["variants"].items()}
+    assert per_step["net2wider"] == per_step["wide-scratch"] > per_step["teacher-continued"]
