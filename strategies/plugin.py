@@ -28,9 +28,10 @@ non-main rank once ``torch.distributed`` is initialised.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..growth import GrowableNetwork, GrowthError, GrowthRecord
+from ..growth.deepen import find_chain
 from ..growth.distributed import (
     check_replicas,
     control_device,
@@ -48,6 +50,9 @@ from ..growth.distributed import (
     grow_ddp,
     shared_generator,
 )
+from ..growth.mapping import shape_mapping
+from ..growth.rules import module_rule_for
+from ..growth.widen import grown_shape, plan_updates, resolve
 from . import compat
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads
@@ -144,6 +149,151 @@ class GrowthEvent:
         return asdict(self)
 
 
+@dataclass
+class _Planned:
+    """What the plugin will do for one action of a growth step (see ``GrowthPlugin._plan``)."""
+
+    width: int | None = None  # the width to widen to; None: decided when applied
+    asked: int = 0  # the width the action asked for (0: not planned)
+    skip: str = ""  # why nothing is done ("" : grow)
+    capped: str = ""  # why the width is below the one asked
+
+
+@dataclass
+class _GroupPlan:
+    """One coupled group widened in a growth step, in units of its space group."""
+
+    index: int  # the action that widens it
+    expand: int  # positions per unit of that action's layer
+    old_units: int
+    asked_units: int
+    step: int  # units grow by multiples of this (grouped convolutions)
+    units: int = 0  # planned
+
+
+class _BudgetModel:
+    """Parameter counts of ``net`` after widening several space groups at once, from the
+    planned shapes (``plan_updates`` with a ``meta`` mapping): nothing copied or allocated.
+
+    Built at ``units`` (group -> new unit count): the change of every parameter dimension per
+    group there. Counts at other unit counts scale each change linearly (layouts are sums of
+    segments, so sizes are affine in a group's units); changes of one dimension by several
+    groups (concatenations) add up.
+    """
+
+    def __init__(self, net: GrowableNetwork, units: dict[int, int]) -> None:
+        spaces = net.analysis.spaces
+        self.base = net.num_parameters()
+        self.old = {k: spaces.info(k).width for k in units}
+        self.at = dict(units)
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.deltas: dict[int, dict[int, list[int]]] = {}  # param id -> group -> per-dim change
+        for k, n in units.items():
+            info = spaces.info(k)
+            for _, module, update in plan_updates(
+                net, net.analysis, k, shape_mapping(info.width, n, info.groups)
+            ):
+                for tname, growth in update.tensors.items():
+                    t = getattr(*resolve(module, tname))
+                    if not isinstance(t, nn.Parameter):
+                        continue
+                    shape = tuple(t.shape)
+                    new = grown_shape(shape, growth.steps)
+                    self.shapes[id(t)] = shape
+                    self.deltas.setdefault(id(t), {})[k] = [a - b for a, b in zip(new, shape)]
+
+    def count(self, units: dict[int, int]) -> int:
+        """Parameters after widening every group ``k`` of the model to ``units[k]`` units."""
+        total = self.base
+        for pid, shape in self.shapes.items():
+            dims = list(shape)
+            for k, delta in self.deltas[pid].items():
+                grown, planned = units[k] - self.old[k], self.at[k] - self.old[k]
+                if grown == planned:
+                    dims = [a + b for a, b in zip(dims, delta)]
+                    continue
+                for d, dd in enumerate(delta):
+                    if dd:
+                        dims[d] += -(-dd * grown // planned)  # rounded up: never undercounts
+            total += math.prod(dims) - math.prod(shape)
+        return total
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data)."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else meta
+        )
+    return copy.deepcopy(module, memo)
+
+
+def deepen_param_count(net: GrowableNetwork, layer: str, kind: str) -> int:
+    """Parameters ``net.deepen(layer, kind=kind)`` would add, counted without building them
+    (the new layer is built on ``meta`` tensors). Raises ``GrowthError`` where deepen would."""
+    module = net.get_submodule(layer)
+    rule = module_rule_for(module)
+    width = net.width(layer)
+    nodes = net.analysis.module_nodes[layer]
+    new = None if rule is None else rule.square_like(_meta_copy(module), width)
+    if new is None or len(nodes) != 1:
+        raise GrowthError(f"cannot deepen {layer!r}")
+    one = sum(p.numel() for p in new.parameters())
+    chain = find_chain(net, nodes[0])
+    act = 0 if chain.activation is None else sum(p.numel() for p in chain.activation.parameters())
+    return (2 * one if kind == "residual" else one) + act  # deepen inserts no BatchNorm
+
+
+def check_max_width(max_width: Any) -> int | dict[str, int] | None:
+    """``max_width`` checked: None, a positive int, or a mapping of layer names to them."""
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if max_width is None or positive(max_width):
+        return max_width
+    if isinstance(max_width, Mapping) and all(
+        isinstance(k, str) and positive(v) for k, v in max_width.items()
+    ):
+        return dict(max_width)
+    raise ValueError(
+        f"max_width must be a positive int or a dict of layer names to positive ints, "
+        f"got {max_width!r}"
+    )
+
+
+def describe_plugin(plugin: Any) -> str:
+    """``GrowthPlugin(EveryExperience)``: a plugin named by its policy, for messages."""
+    policy = getattr(plugin, "policy", None)
+    return f"{type(plugin).__name__}({type(policy).__name__})"
+
+
+def refuse_duplicates(plugin: GrowthPlugin, plugins: Sequence[Any]) -> None:
+    """Raise ``GrowthError`` when ``plugins`` holds ``plugin`` twice or another growth plugin:
+    each would grow the network at every step (twice per experience, silently)."""
+    me = describe_plugin(plugin)
+    times = sum(p is plugin for p in plugins)
+    if times > 1:
+        raise GrowthError(
+            f"{me} is in the strategy's plugins {times} times: Avalanche calls each entry, so "
+            f"the network would grow {times} times per step. List it once"
+        )
+    others = [p for p in plugins if isinstance(p, GrowthPlugin) and p is not plugin]
+    if others:
+        names = " and ".join([me, *map(describe_plugin, others)])
+        raise GrowthError(
+            f"the strategy has {len(others) + 1} growth plugins, {names}: each grows the "
+            f"network at every step, so it would grow {len(others) + 1} times per experience. "
+            f"Keep one (a policy that combines both decisions, if you need them); with "
+            f"Growing(policy=...), which installs its own GrowthPlugin (strategy.growth), do "
+            f"not also pass one in plugins="
+        )
+
+
 class _NoOpHook:
     """What the regulariser hook becomes in copies of the network (LwF's teacher, pickles)."""
 
@@ -210,8 +360,19 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
     policy : GrowthPolicy
         Decides what to grow (see :mod:`strategies.policies`).
     max_params : int, optional
-        Parameter budget: a widening that would exceed it is shrunk to the largest width that
-        fits (status "capped") or skipped; a deepening that would exceed it is skipped.
+        Parameter budget, shared by the widenings of a growth step (the actions a policy returns
+        at once): when they do not all fit, every widening gets the same fraction ``s`` of the
+        units it asked for (``old + floor(s * (asked - old))``, ``s`` the largest that fits), so
+        budgets are shared in proportion to the growth asked; for ``factor`` widenings that is
+        in proportion to width: every group grows by the same smaller factor
+        ``1 + s * (factor - 1)``, the last layers as much as the first. Shrunk widenings have
+        status "capped", those left with nothing "skipped". Deepenings come after the
+        widenings of their step and are skipped when the rest does not hold them. Counts are
+        computed from the planned shapes (nothing is copied or allocated).
+    max_width : int or mapping of str to int, optional
+        Per-layer cap on widths: one cap for every layer, or caps by layer name (others
+        uncapped). A widening stops at the smallest cap of the layers it widens together
+        (status "capped").
     optimizer_state : {"carry", "reset"}
         "carry": the optimizer state is remapped to the grown parameters (old units keep theirs,
         step counts keep counting). "reset": grown parameters restart with empty state.
@@ -219,6 +380,13 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         Randomness of the unit mappings (an int seeds a new generator): same seed, same growth.
     on_refusal : {"warn", "raise"}
         What to do when the engine refuses an action (``GrowthError``).
+
+    One growth step widens each group of coupled layers once: two ``Widen`` actions of one
+    step on layers of one group (say ``layer1.0.conv2`` and ``layer1.1.conv2`` of a ResNet,
+    which feed one sum) are merged into the first (the largest width asked wins; ``factor``
+    is relative to the width at the start of the step), the others are recorded as "skipped".
+    A strategy takes one ``GrowthPlugin``: a second one (or the same one listed twice) is
+    refused with a ``GrowthError`` when training starts.
     """
 
     def __init__(
@@ -226,6 +394,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         policy: GrowthPolicy,
         *,
         max_params: int | None = None,
+        max_width: int | Mapping[str, int] | None = None,
         optimizer_state: str = "carry",
         generator: torch.Generator | int | None = None,
         on_refusal: str = "warn",
@@ -242,10 +411,12 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError("on_refusal must be 'warn' or 'raise'")
         if max_params is not None and (isinstance(max_params, bool) or max_params < 1):
             raise ValueError(f"max_params must be a positive int, got {max_params!r}")
+        max_width = check_max_width(max_width)
         if isinstance(generator, int) and not isinstance(generator, bool):
             generator = torch.Generator().manual_seed(generator)
         self.policy = policy
         self.max_params = max_params
+        self.max_width = max_width
         self.optimizer_state = optimizer_state
         self.generator = generator
         self.on_refusal = on_refusal
@@ -260,8 +431,10 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
 
     # --- Avalanche callbacks -------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        refuse_duplicates(self, strategy.plugins)
         compat.refuse_incompatible(strategy)  # GrowthError: GDumb, LFL, ICaRL, FromScratch...
         net = self.network(strategy)
+        self._check_max_width_names(net)
         self.strategy = strategy
         for msg in check_heads(net):
             warnings.warn(msg, stacklevel=2)
@@ -273,12 +446,15 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
         net = self.network(strategy)
+        pending = len(self._pending)  # the same on every rank: pending actions were agreed
         actions = [*self._pending, *self.policy.before_experience(strategy, net)]
         self._pending = []
         replicas = replicas_of(strategy.model)
         if replicas is not None:
             actions = agree_actions(actions, replicas.group)
-        self._apply(strategy, net, actions, "before_experience")
+        # two growth steps: what the last iteration asked for, then the policy's new actions
+        self._apply(strategy, net, actions[:pending], "before_experience")
+        self._apply(strategy, net, actions[pending:], "before_experience")
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         # After the heads' adaptation: new heads may sit before layers added by deepen.
@@ -332,11 +508,14 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             self._check_replicas(net, bare, f"before growth ({phase})")
         changed = False
         try:
-            for action in actions:
+            start = time.perf_counter()
+            plans = self._plan(net, actions)
+            self.growth_seconds += time.perf_counter() - start
+            for action, plan in zip(actions, plans):
                 start = time.perf_counter()
                 self.busy = True
                 try:
-                    event = self._grow(strategy, net, action, phase)
+                    event = self._grow(strategy, net, action, phase, plan)
                 finally:
                     self.busy = False
                 self.growth_seconds += time.perf_counter() - start
@@ -430,26 +609,38 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         return GrowthEvent(**base)
 
     def _grow(
-        self, strategy: Any, net: GrowableNetwork, action: GrowthAction, phase: str
+        self,
+        strategy: Any,
+        net: GrowableNetwork,
+        action: GrowthAction,
+        phase: str,
+        plan: _Planned | None = None,
     ) -> GrowthEvent:
+        plan = plan if plan is not None else _Planned()
         optimizer = strategy.optimizer if self.optimizer_state == "carry" else None
         shared = self._phase_generator
         generator = shared if shared is not None else self.generator
         shapes = {id(p): p.shape for p in net.parameters()}
+        reason = ""
         try:
             if isinstance(action, Widen):
                 old = net.width(action.layer)
-                asked = action.target_width(old)
-                if asked <= old:
+                asked = plan.asked if plan.asked else action.target_width(old)
+                if plan.skip or asked <= old:
                     return self._event(
                         strategy,
                         net,
                         action,
                         phase,
                         requested_width=asked,
-                        reason=f"asked for {asked} units, has {old}",
+                        reason=plan.skip or f"asked for {asked} units, has {old}",
                     )
-                width = self._fit_width(net, action, old, asked)
+                target = plan.width if plan.width is not None else asked
+                width = self._fit_width(net, action, old, target)
+                if width < target:
+                    reason = f"max_params={self.max_params}"
+                elif width < asked:
+                    reason = plan.capped
                 if width <= old:
                     return self._event(
                         strategy,
@@ -473,7 +664,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
                     ),
                     optimizer,
                 )
-                status = "grown" if width == asked else "capped"
+                status = "grown" if width >= asked else "capped"
             elif isinstance(action, Deepen):
                 asked = net.width(action.layer)
                 budget = self.max_params
@@ -518,6 +709,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             params_after=rec.params_after,
             max_abs_error=rec.max_abs_error,
             seconds=rec.seconds,
+            reason=reason,
         )
 
     # --- resume (strategies.resume) ------------------------------------------------------------
@@ -567,9 +759,150 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         self.growth_seconds = float(state["growth_seconds"])
         self._pending = list(pending)
 
-    # --- parameter budget ----------------------------------------------------------------------
+    # --- growth steps: one widening per coupled group, a shared budget ------------------------
+    def _plan(self, net: GrowableNetwork, actions: Sequence[GrowthAction]) -> list[_Planned]:
+        """What each action of one growth step will do: widenings of one coupled group merged
+        into the first, ``max_width`` caps, then ``max_params`` shared (see the class docstring).
+        Actions the engine will refuse (unknown layers, ...) are left to ``_grow``."""
+        plans = [_Planned() for _ in actions]
+        groups: dict[int, _GroupPlan] = {}
+        for i, action in enumerate(actions):
+            if not isinstance(action, Widen):
+                continue
+            try:
+                old = net.width(action.layer)
+                group, expand = net._group_of(action.layer)
+            except GrowthError:
+                continue  # refused when applied, with the engine's message
+            asked = action.target_width(old)
+            plans[i].asked = asked
+            if asked <= old:
+                plans[i].skip = f"asked for {asked} units, has {old}"
+                continue
+            first = groups.get(group)
+            if first is not None:
+                plans[i].skip = (
+                    f"coupled with {actions[first.index].layer!r}, widened in this step "
+                    f"(a coupled group grows once per step)"
+                )
+                first.asked_units = max(first.asked_units, -(-asked // expand))
+                continue
+            info = net.analysis.spaces.info(group)
+            groups[group] = _GroupPlan(i, expand, info.width, -(-asked // expand), info.groups)
+        if not groups:
+            return plans
+        for g in groups.values():
+            g.units = g.asked_units
+        if self.max_width is not None:
+            self._cap_widths(net, groups, actions, plans)
+        if self.max_params is not None:
+            self._share_budget(net, groups, plans)
+        for g in groups.values():
+            plan = plans[g.index]
+            if g.units <= g.old_units:
+                plan.skip = plan.capped
+            elif g.units == -(-plan.asked // g.expand):
+                plan.width = plan.asked  # as asked (the engine checks it)
+            else:
+                plan.width = g.units * g.expand  # merged with a larger ask, or capped
+        return plans
+
+    def _cap_widths(
+        self,
+        net: GrowableNetwork,
+        groups: dict[int, _GroupPlan],
+        actions: Sequence[GrowthAction],
+        plans: list[_Planned],
+    ) -> None:
+        """Lower each group's units to the smallest ``max_width`` cap of its layers."""
+        for name in net.layers:
+            cap = self._cap_of(name)
+            if cap is None:
+                continue
+            group, expand = net._group_of(name)
+            g = groups.get(group)
+            if g is not None and cap // expand < g.units:
+                g.units = max(g.old_units + (cap // expand - g.old_units) // g.step * g.step, 0)
+                plans[g.index].capped = f"max_width: {name!r} at most {cap}"
+        for g in groups.values():
+            if g.units <= g.old_units and plans[g.index].capped:
+                plans[g.index].capped += f", has {net.width(actions[g.index].layer)}"
+
+    def _cap_of(self, name: str) -> int | None:
+        if isinstance(self.max_width, int):
+            return self.max_width
+        if self.max_width is not None:
+            return self.max_width.get(name)
+        return None
+
+    def _check_max_width_names(self, net: GrowableNetwork) -> None:
+        """Refuse ``max_width`` names that are no module of ``net`` (typos); names of layers
+        ``deepen`` will insert (under ``grown.``) are accepted."""
+        if not isinstance(self.max_width, Mapping):
+            return
+        modules = dict(net.named_modules())
+        unknown = [n for n in self.max_width if n not in modules and not n.startswith("grown.")]
+        if unknown:
+            hint = ", ".join(net.layers[:8]) or "none"
+            raise GrowthError(
+                f"GrowthPlugin(max_width=...) names {unknown}, which are not layers of the "
+                f"network; growable layers: {hint}"
+            )
+
+    def _share_budget(
+        self, net: GrowableNetwork, groups: dict[int, _GroupPlan], plans: list[_Planned]
+    ) -> None:
+        """Scale every group's growth by the largest common fraction that fits ``max_params``."""
+        budget = int(self.max_params)  # type: ignore[arg-type]
+        live = {k: g for k, g in groups.items() if g.units > g.old_units}
+        if not live:
+            return
+        full = {k: g.units for k, g in live.items()}
+        try:
+            model = _BudgetModel(net, full)
+        except Exception:  # refused when applied, or a rule that cannot plan without data:
+            return  # each widening is then capped on its own when applied
+        if model.count(full) <= budget:
+            return
+
+        def units_at(s: float) -> dict[int, int]:
+            out = {}
+            for k, g in live.items():
+                grow = math.floor(s * (full[k] - g.old_units) + 1e-9)
+                out[k] = g.old_units + grow // g.step * g.step
+            return out
+
+        lo, hi = 0.0, 1.0  # lo fits (or nothing does), hi does not
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if model.count(units_at(mid)) <= budget else (lo, mid)
+        chosen = units_at(lo)
+        growing = {k: n for k, n in chosen.items() if n > live[k].old_units}
+        try:
+            exact = _BudgetModel(net, growing).count(growing)
+        except Exception:
+            exact = budget + 1
+        if exact > budget:
+            return  # the linear model was wrong: each widening is capped when applied
+        reason = f"max_params={budget} shared by {len(live)} widenings"
+        for k, g in live.items():
+            if chosen[k] < g.units:
+                g.units = chosen[k]
+                plans[g.index].capped = reason + (
+                    " (no room left)" if chosen[k] <= g.old_units else ""
+                )
+
     def _params_after(self, net: GrowableNetwork, action: GrowthAction, width: int = 0) -> int:
-        """Parameter count after ``action`` (at ``width`` for a widening), measured on a copy."""
+        """Parameter count after ``action`` (at ``width`` for a widening), counted from the
+        planned shapes; measured on a copy when a rule cannot plan without data."""
+        try:
+            if isinstance(action, Widen):
+                group, expand = net._group_of(action.layer)
+                units = -(-width // expand)
+                return _BudgetModel(net, {group: units}).count({group: units})
+            return net.num_parameters() + deepen_param_count(net, action.layer, action.kind)
+        except Exception:  # the engine will refuse, or a rule cannot plan without data:
+            pass  # measure on a copy (a refusal then raises the engine's own GrowthError)
         trial = copy.deepcopy(net)
         hooks = getattr(trial, "_growth_hooks", None)
         if hooks is not None:
@@ -583,7 +916,10 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if self.max_params is None:
             return asked
         budget, p0 = self.max_params, net.num_parameters()
-        p_asked = self._params_after(net, action, asked)
+        try:
+            p_asked = self._params_after(net, action, asked)
+        except GrowthError:
+            return asked  # refused when applied, with the engine's message
         if p_asked <= budget:
             return asked
         per_unit = (p_asked - p0) / (asked - old)

@@ -8,6 +8,11 @@ A policy is asked by :class:`~strategies.plugin.GrowthPlugin` at two points:
 
 Both return a list of growth actions (:class:`Widen`, :class:`Deepen`); an empty list means no
 growth. Subclass :class:`Policy` (no-op defaults) or implement :class:`GrowthPolicy` directly.
+
+The actions returned at once are one *growth step*. Layers whose outputs are coupled (a ResNet
+stage's blocks and shortcuts, which feed one sum) share one width, so a step should widen each
+group once: the policies here return one ``Widen`` per group (:func:`one_per_group`), and the
+plugin merges any further ``Widen`` of a group already widened in the step.
 """
 
 from __future__ import annotations
@@ -97,35 +102,95 @@ def hidden_layers(net: GrowableNetwork, layers: Sequence[str] | None) -> list[st
     return list(layers) if layers is not None else list(net.layers)
 
 
+#: Top-level module under which ``GrowableNetwork.deepen`` puts the layers it inserts.
+INSERTED_PREFIX = "grown."
+
+
+def is_inserted(name: str) -> bool:
+    """True for a layer that ``deepen`` inserted (it lives under the top-level ``grown``)."""
+    return name.startswith(INSERTED_PREFIX)
+
+
+def coupled_groups(net: GrowableNetwork, layers: Sequence[str] | None = None) -> list[list[str]]:
+    """``layers`` (default: every growable layer) grouped by what widening them changes.
+
+    Layers whose outputs are coupled (a residual stage: every block's last layer, the shortcut
+    and the stem all feed one sum) must keep one width: widening any of them widens all of them
+    and the layers that read them (``GrowableNetwork.coupled_layers``). Two layers are in one
+    group when widening either changes the same layers. Groups are in graph order of their
+    first member; within a group, layers of the original network come before inserted ones.
+    """
+    groups: dict[Any, list[str]] = {}
+    for name in hidden_layers(net, layers):
+        try:
+            key: Any = frozenset(net.coupled_layers(name))
+        except Exception:  # not widenable (say, a module swapped in after tracing): a group of
+            key = name  # its own, so that widening it gives the engine's refusal
+        groups.setdefault(key, []).append(name)
+    return [sorted(g, key=is_inserted) for g in groups.values()]  # stable: graph order kept
+
+
+def one_per_group(net: GrowableNetwork, layers: Sequence[str] | None = None) -> list[str]:
+    """One layer of each of :func:`coupled_groups`: a growth step that widens these widens
+    every group once (original layers preferred, so that events name them)."""
+    return [g[0] for g in coupled_groups(net, layers)]
+
+
+def last_original_layer(net: GrowableNetwork) -> str | None:
+    """The last growable layer (graph order) that ``deepen`` did not insert; None if none."""
+    originals = [n for n in net.layers if not is_inserted(n)]
+    return originals[-1] if originals else None
+
+
 def experiences_seen(strategy: Any) -> int:
     """Number of experiences trained before the current one."""
     return int(strategy.clock.train_exp_counter)
 
 
 class EveryExperience(Policy):
-    """Widen layers by ``factor`` before every experience but the first.
+    """Widen every coupled group by ``factor`` before every experience but the first.
+
+    One growth step widens each group of coupled layers (:func:`coupled_groups`) exactly once:
+    after ``k`` growths every hidden width is ``base * factor**k`` (rounded at each step), and
+    a ResNet stage grows by ``factor``, not by ``factor`` once per block.
 
     Parameters
     ----------
     factor : float
-        Growth factor of each layer's width (> 1).
+        Growth factor of each group's width (> 1).
     layers : sequence of str, optional
-        Layers to widen; default: every growable hidden layer at that time.
+        Layers to widen (one widening per group among them); default: every growable layer at
+        that time, layers inserted by ``deepen`` included (each inserted layer grows with its
+        group, or as a group of its own when it has one, e.g. a residual block's inner layer).
     deepen : bool or str
-        If true, also insert one layer after the last of those layers each time
-        (``"identity"`` for True, or the ``kind`` given: ``"identity"``/``"residual"``).
+        If true, also insert one layer per growth step (``"identity"`` for True, or the
+        ``kind`` given: ``"identity"``/``"residual"``), always after the same layer:
+        ``deepen_after``.
+    deepen_after : str, optional
+        The layer new layers go after; default: the last of ``layers`` when given, else the
+        last growable layer of the original network (never a layer inserted by ``deepen``, so
+        names stay ``grown.<layer>_deep1``, ``grown.<layer>_deep2``, ...).
     """
 
     def __init__(
-        self, factor: float = 1.5, layers: Sequence[str] | None = None, deepen: bool | str = False
+        self,
+        factor: float = 1.5,
+        layers: Sequence[str] | None = None,
+        deepen: bool | str = False,
+        deepen_after: str | None = None,
     ) -> None:
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1:
             raise GrowthError(f"EveryExperience: factor must be a number > 1, got {factor!r}")
         if deepen not in (False, True, "identity", "residual"):
             raise GrowthError(f"EveryExperience: deepen must be a bool or a kind, got {deepen!r}")
+        if deepen_after is not None and not isinstance(deepen_after, str):
+            raise GrowthError(
+                f"EveryExperience: deepen_after must be a layer name, got {deepen_after!r}"
+            )
         self.factor = float(factor)
         self.layers = None if layers is None else list(layers)
         self.deepen = "identity" if deepen is True else deepen
+        self.deepen_after = deepen_after
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # no state: decisions read the clock and the network
@@ -133,13 +198,23 @@ class EveryExperience(Policy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
+    def deepen_anchor(self, net: GrowableNetwork) -> str | None:
+        """The layer the next deepening goes after (see ``deepen_after``)."""
+        if self.deepen_after is not None:
+            return self.deepen_after
+        if self.layers is not None:
+            return self.layers[-1] if self.layers else None
+        return last_original_layer(net)
+
     def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
         if experiences_seen(strategy) == 0:
             return []
-        names = hidden_layers(net, self.layers)
-        actions: list[GrowthAction] = [Widen(n, factor=self.factor) for n in names]
-        if self.deepen and names:
-            actions.append(Deepen(names[-1], kind=str(self.deepen)))
+        actions: list[GrowthAction] = [
+            Widen(n, factor=self.factor) for n in one_per_group(net, self.layers)
+        ]
+        anchor = self.deepen_anchor(net) if self.deepen else None
+        if anchor is not None:
+            actions.append(Deepen(anchor, kind=str(self.deepen)))
         return actions
 
 
@@ -155,7 +230,7 @@ class NewClasses(Policy):
     units_per_class : int
         Units per seen class.
     layers : sequence of str, optional
-        Layers to grow; default: every growable hidden layer.
+        Layers to grow (one per coupled group); default: every growable hidden layer.
     """
 
     def __init__(self, units_per_class: int, layers: Sequence[str] | None = None) -> None:
@@ -180,7 +255,7 @@ class NewClasses(Policy):
             self.seen.update((t, int(c)) for c in exp.classes_in_this_experience)
         target = self.units_per_class * len(self.seen)
         return [
-            Widen(n, width=target) for n in hidden_layers(net, self.layers) if net.width(n) < target
+            Widen(n, width=target) for n in one_per_group(net, self.layers) if net.width(n) < target
         ]
 
 
@@ -199,9 +274,9 @@ class OnPlateau(Policy):
     min_delta : float
         Smallest decrease of the smoothed loss that counts as an improvement.
     factor : float
-        Growth factor of each layer's width (> 1).
+        Growth factor of each coupled group's width (> 1), once per growth.
     layers : sequence of str, optional
-        Layers to widen; default: every growable hidden layer.
+        Layers to widen (one per coupled group); default: every growable hidden layer.
     smoothing : float
         EMA coefficient in ``[0, 1)`` (0: raw mini-batch losses).
     max_growths : int, optional
@@ -265,4 +340,4 @@ class OnPlateau(Policy):
             return []
         self.wait, self.best, self.ema = 0, math.inf, None
         self.growths += 1
-        return [Widen(n, factor=self.factor) for n in hidden_layers(net, self.layers)]
+        return [Widen(n, factor=self.factor) for n in one_per_group(net, self.layers)]

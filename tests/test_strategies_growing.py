@@ -9,8 +9,9 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from torch import nn
 
+from net2grow.growth import GrowthError
 from net2grow.strategies import Growing, GrowthPlugin
-from net2grow.strategies.policies import EveryExperience, NewClasses
+from net2grow.strategies.policies import EveryExperience, NewClasses, OnPlateau
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,21 @@ def test_growing_needs_a_growable_network():
     with pytest.raises(TypeError, match="GrowableNetwork"):
         Growing(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
                 policy=EveryExperience())
+
+
+def test_growing_refuses_a_second_growth_plugin():
+    net = mlp_net()
+    with pytest.raises(GrowthError, match=r"installs its own GrowthPlugin.*also holds "
+                                          r"GrowthPlugin\(OnPlateau\).*drop the plugin"):
+        Growing(net, torch.optim.SGD(net.parameters(), lr=0.1), None, policy=EveryExperience(),
+                plugins=[GrowthPlugin(OnPlateau())])
+
+
+def test_growing_passes_max_width(stream):
+    net = mlp_net()
+    strategy = Growing(net, torch.optim.SGD(net.parameters(), lr=0.05), None,
+                       policy=EveryExperience(factor=2.0), max_width={"2": 40},
+                       train_mb_size=8, evaluator=EvaluationPlugin())
+    for exp in stream.train_stream[:2]:
+        strategy.train(exp)
+    assert (net.width("0"), net.width("2")) == (64, 40)

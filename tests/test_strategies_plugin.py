@@ -168,19 +168,21 @@ def _mlp_params(h1: int, h2: int) -> int:
     return 64 * h1 + h1 + h1 * h2 + h2 + h2 * 10 + 10
 
 
-def test_max_params_caps_then_skips_growth(stream):
+def test_max_params_is_shared_then_skips_growth(stream):
     net = mlp_net()
-    budget = _mlp_params(48, 40)  # room for layer "0" at 1.5x, not for layer "2"
+    budget = _mlp_params(48, 40)  # room for 1.5x on one layer, not on both
     plugin = GrowthPlugin(EveryExperience(factor=1.5), max_params=budget, generator=0)
     strategy = Naive(model=net, optimizer=sgd(net), train_mb_size=8, evaluator=evaluator(),
                      plugins=[plugin])
     run(strategy, stream, n=3)
     by_exp = [(e.experience, e.layer, e.status, e.new_width) for e in plugin.events]
-    assert by_exp[:2] == [(1, "0", "grown", 48), (1, "2", "capped", 40)]
+    # Shared: both layers get the same part of the 16 units they asked for (not "0" first).
+    assert by_exp[:2] == [(1, "0", "capped", 45), (1, "2", "capped", 45)]
+    assert all("max_params" in e.reason for e in plugin.events[:2])
     assert [s for _, _, s, _ in by_exp[2:]] == ["skipped", "skipped"]
-    assert net.num_parameters() == _mlp_params(48, 40) <= budget
-    # "capped" means the largest width that fits.
-    assert _mlp_params(48, 41) > budget
+    assert net.num_parameters() == _mlp_params(45, 45) <= budget
+    # The common width is the largest that fits.
+    assert _mlp_params(46, 46) > budget
 
 
 def test_plain_model_is_rejected_with_a_fix(stream):
@@ -250,3 +252,25 @@ def test_growth_follows_the_strategy_device(device, stream):
         assert imp.device.type == device.type and imp.shape == (72, 72)
     assert si.ewc_data[1]["2.weight"].data.shape == (72 * 72,)
     assert min(accs) > 0.8, accs
+
+
+def test_a_second_growth_plugin_is_refused_before_anything_grows(stream):
+    net = mlp_net()
+    every, plateau = GrowthPlugin(EveryExperience()), GrowthPlugin(OnPlateau())
+    two = Naive(model=net, optimizer=sgd(net), evaluator=evaluator(), plugins=[every, plateau])
+    with pytest.raises(GrowthError, match=r"GrowthPlugin\(EveryExperience\) and "
+                                          r"GrowthPlugin\(OnPlateau\).*Keep one"):
+        two.train(stream.train_stream[0])
+    twice = Naive(model=net, optimizer=sgd(net), evaluator=evaluator(), plugins=[every, every])
+    with pytest.raises(GrowthError, match=r"GrowthPlugin\(EveryExperience\) is in the "
+                                          r"strategy's plugins 2 times.*List it once"):
+        twice.train(stream.train_stream[0])
+    assert net.width("0") == 32 and not every.events and not plateau.events
+
+
+def test_max_width_names_are_checked(stream):
+    net = mlp_net()
+    plugin = GrowthPlugin(EveryExperience(), max_width={"O": 40})  # a letter O, not a zero
+    strategy = Naive(model=net, optimizer=sgd(net), evaluator=evaluator(), plugins=[plugin])
+    with pytest.raises(GrowthError, match=r"max_width=.*\['O'\].*growable layers: 0, 2"):
+        strategy.train(stream.train_stream[0])

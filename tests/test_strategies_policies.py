@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _models import TinyResNet
 from torch import nn
 
 from net2grow.growth import GrowableNetwork, GrowthError
@@ -18,6 +19,8 @@ from net2grow.strategies.policies import (
     OnPlateau,
     Policy,
     Widen,
+    coupled_groups,
+    one_per_group,
 )
 
 
@@ -134,3 +137,46 @@ def test_the_protocol_is_what_the_plugin_checks():
     GrowthPlugin(_Custom())
     with pytest.raises(TypeError, match="before_experience"):
         GrowthPlugin(object())
+
+
+def resnet() -> GrowableNetwork:
+    torch.manual_seed(0)
+    return GrowableNetwork(TinyResNet(width=8), torch.zeros(2, 3, 8, 8))
+
+
+def test_policies_widen_each_coupled_group_once():
+    n = resnet()
+    # stem.0 and layer1.conv2 feed one sum; so do layer2's conv2 and its shortcut.
+    assert coupled_groups(n) == [["stem.0", "layer1.conv2"], ["layer1.conv1"],
+                                 ["layer2.conv1"], ["layer2.conv2", "layer2.shortcut.0"]]
+    reps = ["stem.0", "layer1.conv1", "layer2.conv1", "layer2.conv2"]
+    assert one_per_group(n) == reps
+    assert EveryExperience(1.5).before_experience(strategy(1), n) == [
+        Widen(r, factor=1.5) for r in reps]
+    # explicit layers of one group: still one widening
+    assert EveryExperience(2.0, layers=["layer1.conv2", "stem.0"]).before_experience(
+        strategy(1), n) == [Widen("layer1.conv2", factor=2.0)]
+    assert NewClasses(units_per_class=10).before_experience(strategy(0), n) == [
+        Widen(r, width=20) for r in reps[:3]] + [Widen("layer2.conv2", width=20)]
+    plateau = OnPlateau(patience=1, min_delta=1.0)
+    plateau.before_experience(strategy(), n)
+    plateau.after_iteration(strategy(), n)
+    assert plateau.after_iteration(strategy(), n) == [Widen(r, factor=1.5) for r in reps]
+
+
+def test_every_experience_deepens_after_one_original_layer():
+    n = net()
+    policy = EveryExperience(1.5, deepen="residual")
+    assert policy.before_experience(strategy(1), n)[-1] == Deepen("2", kind="residual")
+    n.deepen("2", kind="residual")
+    # The inserted block: its inner layer is a group of its own, its last layer joins "2"'s.
+    assert coupled_groups(n) == [["0"], ["2", "grown.2_res1.layer2"], ["grown.2_res1.layer1"]]
+    actions = policy.before_experience(strategy(2), n)
+    assert actions == [Widen("0", factor=1.5), Widen("2", factor=1.5),
+                       Widen("grown.2_res1.layer1", factor=1.5), Deepen("2", kind="residual")]
+    assert EveryExperience(1.5, deepen=True, deepen_after="0").before_experience(
+        strategy(1), n)[-1] == Deepen("0", kind="identity")
+    assert EveryExperience(1.5, layers=["0"], deepen=True).before_experience(
+        strategy(1), n) == [Widen("0", factor=1.5), Deepen("0", kind="identity")]
+    with pytest.raises(GrowthError, match="deepen_after"):
+        EveryExperience(deepen=True, deepen_after=3)
