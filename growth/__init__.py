@@ -1,5 +1,6 @@
 """net2grow's growth engine: exact Net2Net widening and deepening of traced PyTorch models."""
 
+from . import budget, protect
 from .checkpoint import Checkpoint, load, load_checkpoint, save
 from .errors import FunctionNotPreservedError, GrowthError, TraceError, UnsupportedLayerError
 from .network import GrowableNetwork
@@ -13,7 +14,9 @@ __all__ = [
     "GrowthRecord",
     "TraceError",
     "UnsupportedLayerError",
+    "budget",
     "load",
     "load_checkpoint",
+    "protect",
     "save",
 ]

@@ -5,6 +5,12 @@ opens a new space; every other node derives its output layout from its inputs th
 Tensors joined elementwise (residual adds, gating) merge their spaces, so one unit mapping serves
 all of them. A space reaching something without a rule, or the network's output, is *blocked*:
 widening it is refused with the reason recorded here.
+
+Layers that share a tensor (tied weights, ``self.out.weight = self.emb.weight``) are found after
+the walk: layers of one type sharing the same tensor read and write the same units, like one layer
+called twice, and their spaces are joined; any other sharing (an ``Embedding`` tied to a
+``Linear``, a layer's weight read directly in ``forward``) would have to grow one tensor in two
+different ways, and blocks the spaces of the layers involved.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ class JoinLog(SpaceTable):
         super().__init__()
         self.joins: list[tuple[int, int, str | None]] = []
         self.block_origin: dict[int, int] = {}  # id(Block) -> space it was attached to
-        self.sharing: str | None = None  # the shared module whose calls are being joined
+        self.sharing: str | None = None  # the shared module (or tie) whose joins are being made
+        self.ties: dict[str, str] = {}  # a tie's label in ``joins`` -> its description
 
     def union(self, a: int, b: int) -> int:
         self.joins.append((a, b, self.sharing))
@@ -79,17 +86,29 @@ class ChannelAnalysis:
         shared = self._sharing_cause(space, block)
         if not shared:
             return block.reason, block.error
-        calls = " and ".join(
+        ties = self.spaces.ties if isinstance(self.spaces, JoinLog) else {}
+        calls = [n for n in shared if n not in ties]
+        tied = [ties[n] for n in shared if n in ties]
+        causes = [
             f"layer {n!r} is called {len(self.module_nodes.get(n, ()))} times in forward"
-            for n in shared
-        )
+            for n in calls
+        ]
         their = "its" if len(shared) == 1 else "their"
+        if calls and not tied:
+            how = f"{their} weights are shared between the calls, so every call must read"
+            fix = (
+                "use a separate module for each call (e.g. a copy.deepcopy of the shared layer "
+                "for the second call)"
+            )
+        else:
+            how = f"{their} weights are shared, so every user of them must read"
+            fix = "untie the weights (give each layer its own copy)"
+            if calls:
+                fix = f"use a separate module for each call and {fix}"
         return (
-            f"{calls}: {their} weights are shared between the calls, so every call must read the "
-            f"same units, and through that weight sharing this layer's units are coupled to units "
-            f"that cannot grow ({block.reason}). To grow them, use a separate module for each "
-            f"call (e.g. a copy.deepcopy of the shared layer for the second call), or widen a "
-            f"layer that is not coupled to it",
+            f"{' and '.join(causes + tied)}: {how} the same units, and through that weight "
+            f"sharing this layer's units are coupled to units that cannot grow "
+            f"({block.reason}). To grow them, {fix}, or widen a layer that is not coupled to it",
             GrowthError,
         )
 
@@ -289,4 +308,95 @@ def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
             ctx.spaces.block_layout(layout, f"{describe(node)}: channel bookkeeping mismatch")
             layout = ctx.fixed(node, f"output of {describe(node)}")
         ctx.layouts[node] = layout
+    _shared_tensors(ctx, root, graph, module_nodes)
     return ChannelAnalysis(ctx.layouts, ctx.spaces, module_nodes)
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _shared_tensors(
+    ctx: AnalysisContext, root: nn.Module, graph: fx.Graph, module_nodes: dict[str, list[fx.Node]]
+) -> None:
+    """Couple or block the layers that share a parameter or buffer (see the module docstring)."""
+    from .rules import module_rule_for
+
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for name in module_nodes:
+        module = root.get_submodule(name)
+        tensors = [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
+        for tname, t in tensors:
+            if t.dim() == 0:
+                continue  # a scalar has no channels to grow
+            if (name, tname) not in owners.setdefault(id(t), []):
+                owners[id(t)].append((name, tname))
+
+    def sides(name: str) -> list[Layout | None]:
+        node = module_nodes[name][0]
+        first = node.args[0] if node.args else None
+        return [ctx.layout(first), ctx.layouts.get(node)]
+
+    def block(names: list[str], reason: str) -> None:
+        for n in names:
+            for lay in sides(n):
+                ctx.spaces.block_layout(lay, reason, GrowthError)
+
+    for users in owners.values():
+        names = list(dict.fromkeys(n for n, _ in users))
+        if len(names) < 2:
+            continue  # one layer's own tensors: its rule grows them
+        shown = " is ".join(f"{n}.{t}" for n, t in users)
+        modules = [root.get_submodule(n) for n in names]
+        same = (
+            len(users) == len(names)
+            and len({t for _, t in users}) == 1
+            and len({type(m) for m in modules}) == 1
+            and module_rule_for(modules[0]) is not None
+        )
+        if not same:
+            block(
+                names,
+                f"{shown} (one tensor, tied weights): growing these layers would have to grow "
+                f"that tensor in a different way for each of them. Untie them (give each layer "
+                f"its own copy, e.g. layer.weight = nn.Parameter(layer.weight.detach().clone())) "
+                f"or grow layers that are not coupled to them",
+            )
+            continue
+        label = f"tie:{shown}"
+        log = ctx.spaces
+        log.ties[label] = f"{shown} (tied weights)"
+        log.sharing = label
+        try:
+            for i in (0, 1):  # inputs joined with inputs, outputs with outputs
+                layouts = [sides(n)[i] for n in names]
+                if all(lay is not None for lay in layouts):
+                    ctx.join(layouts, module_nodes[names[0]][0])  # type: ignore[arg-type]
+                else:
+                    block(names, f"{shown} (tied weights) between layers of unknown channels")
+        finally:
+            log.sharing = None
+
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _fetch(root, str(node.target))
+        users = owners.get(id(value)) if value is not None else None
+        if not users:
+            continue
+        names = list(dict.fromkeys(n for n, _ in users))
+        owner = ", ".join(f"{n}.{t}" for n, t in users)
+        block(
+            names,
+            f"{owner} is also read directly in forward (self.{node.target}, node "
+            f"{node.name!r}), and that use could not follow its growth. Grow layers that are "
+            f"not coupled to it, or give that use its own tensor",
+        )

@@ -4,13 +4,13 @@ The new layer goes after ``name`` *and* its chain of per-channel successors (Bat
 activation, dropout), i.e. where the next layer would read. ``kind="identity"``:
 ``act(U x)`` with ``U = I`` equals ``x`` when ``x`` is already the output of an activation that is
 idempotent on its outputs (ReLU after ReLU, none after none). ``kind="residual"``:
-``x + layer2(act(layer1(x)))`` with ``layer2 = 0`` is exact for any activation.
+``x + layer2(act(layer1(x)))`` with ``layer2 = 0`` is exact for any activation. Both are exact in
+eval *and* train mode: the inserted layers hold no batch statistics.
 
-BatchNorm: when ``name`` is followed by BatchNorm, the identity layer gets its own BatchNorm,
-initialised from statistics of its input measured on the probe batch, with ``weight = sqrt(var +
-eps)`` and ``bias = mean``: in eval mode it undoes its own normalisation exactly. In train mode it
-normalises with batch statistics, so the block is the identity only as far as a batch's statistics
-match the stored ones; they are updated as training goes on, like any BatchNorm.
+BatchNorm: no BatchNorm is inserted, not even after ``Conv -> BatchNorm``. Net2DeeperNet's
+"undo the normalisation" BatchNorm (``weight = sqrt(var + eps)``, ``bias = mean`` of its input's
+statistics) is the identity only in eval mode: in train mode it normalises each batch with that
+batch's own statistics, which no fixed parameters undo, so a train-mode forward would change.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from .rules import (
     module_rule_for,
     module_spec_for,
 )
-from .rules.functions import Unary
+from .rules.functions import Elementwise, Unary
 from .rules.norm import ChannelwiseRule
-from .verify import check_preserved, eval_mode, exact_float32, reference_output
+from .verify import check_preserved, reference_output
 
 if TYPE_CHECKING:
     from .network import GrowableNetwork
@@ -53,7 +53,7 @@ class Chain:
     nodes: list[fx.Node]
     activation: nn.Module | None  # a fresh module equal to the chain's last activation
     activation_is_last: bool  # nothing but dropout after it
-    norm: nn.Module | None  # the chain's BatchNorm, if any
+    norm: nn.Module | None  # the chain's BatchNorm, if any (deepen inserts none after it)
 
 
 def _activation_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -78,7 +78,10 @@ def _is_channelwise(root: nn.Module, node: fx.Node) -> bool:
         rule = module_rule_for(root.get_submodule(str(node.target)))
         return isinstance(rule, (PassThroughRule, ChannelwiseRule))
     if node.op in ("call_function", "call_method"):
-        return isinstance(function_rule_for(node), Unary)
+        rule = function_rule_for(node)
+        if isinstance(rule, Elementwise):  # x * 0.5, x.clamp(0, 6): one tensor operand
+            return len(node.all_input_nodes) == 1
+        return isinstance(rule, Unary)
     return False
 
 
@@ -141,32 +144,6 @@ def check_identity_exact(name: str, chain: Chain, new_act: nn.Module | None) -> 
         )
 
 
-def identity_norm(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> nn.Module:
-    """A BatchNorm like ``norm`` over ``mean.numel()`` channels that undoes its own normalisation
-    in eval mode, with running statistics ``mean``/``var``."""
-    new = type(norm)(
-        mean.numel(),
-        eps=norm.eps,
-        momentum=norm.momentum,
-        affine=True,
-        track_running_stats=True,
-        device=mean.device,
-        dtype=mean.dtype,
-    )
-    with torch.no_grad():
-        new.running_mean.copy_(mean)
-        new.running_var.copy_(var)
-        new.weight.copy_(torch.sqrt(var + norm.eps))
-        new.bias.copy_(mean)
-    return new
-
-
-def channel_stats(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of ``x`` along every dim but ``dim``."""
-    dims = [d for d in range(x.dim()) if d != dim]
-    return x.mean(dims), x.var(dims, unbiased=False)
-
-
 def insert_after(graph: fx.Graph, anchor: fx.Node, targets: list[str], residual: bool) -> fx.Graph:
     """A copy of ``graph`` with ``call_module`` nodes for ``targets`` after ``anchor`` (and
     ``anchor + g`` when ``residual``); every former user of ``anchor`` reads the new output."""
@@ -216,7 +193,7 @@ def deepen(
     if kind == "identity":
         check_identity_exact(name, chain, new_act)
     try:
-        needed = deepen_bytes(rule, module, width, kind, chain.norm is not None, new_act)
+        needed = deepen_bytes(rule, module, width, kind, new_act)
     except GrowthError as exc:
         raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
     limits.check_growth_bytes(needed, limit, f"deepen({name!r}) at width {width}")
@@ -234,10 +211,6 @@ def deepen(
     if kind == "identity":
         rule.set_identity(layer)
         new_modules = [(stem, layer)]
-        if chain.norm is not None:
-            value = _probe_value(net, chain.nodes[-1])
-            mean, var = channel_stats(value, net.analysis.layouts[chain.nodes[-1]].dim)
-            new_modules.append((f"{stem}_bn", identity_norm(chain.norm, mean, var)))
         if new_act is not None:
             new_modules.append((f"{stem}_act", copy.deepcopy(new_act)))
         targets = [f"grown.{n}" for n, _ in new_modules]
@@ -290,27 +263,11 @@ def _free_stem(grown: nn.Module | None, base: str, kind: str) -> str:
     return f"{base}_deep{k}" if kind == "identity" else f"{base}_res{k}"
 
 
-def _probe_value(net: GrowableNetwork, node: fx.Node) -> Tensor:
-    """The value ``node`` takes on ``net``'s probe batch (eval mode)."""
-    captured: dict[str, Tensor] = {}
-
-    class _Capture(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
-            if n is node:
-                captured["value"] = result
-            return result
-
-    with torch.no_grad(), eval_mode(net), exact_float32():
-        _Capture(net, graph=net.graph).run(*net.probe)
-    return captured["value"]
-
-
 def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
+def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data copied)."""
     memo: dict[int, Any] = {}
     for t in [*module.parameters(), *module.buffers()]:
@@ -328,13 +285,12 @@ def deepen_bytes(
     module: nn.Module,
     width: int,
     kind: str,
-    with_norm: bool,
     activation: nn.Module | None,
 ) -> int:
     """Bytes of the layers ``deepen`` would insert after ``module``, computed without building
     them: the rule builds its layer from a ``meta`` copy of ``module`` (a bound when it cannot)."""
     try:
-        layer = rule.square_like(_meta_copy(module), width)
+        layer = rule.square_like(meta_copy(module), width)
         one = 0 if layer is None else _tensor_bytes(layer)
     except GrowthError:
         raise
@@ -344,10 +300,7 @@ def deepen_bytes(
             one = (width * width * math.prod(w.shape[2:]) + width) * w.element_size()
         else:
             one = _tensor_bytes(module)
-    elem = next((p.element_size() for p in module.parameters()), 4)
     total = one * (2 if kind == "residual" else 1)
-    if kind == "identity" and with_norm:
-        total += 4 * width * elem  # weight, bias, running mean and variance
     if activation is not None:
         total += _tensor_bytes(activation)
     return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -13,6 +14,7 @@ from torch import Tensor, fx, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import deepen, limits, widen
+from . import protect as _protect
 from .analysis import ChannelAnalysis, analyse
 from .arguments import (
     as_inputs,
@@ -135,6 +137,7 @@ class GrowableNetwork(nn.Module):
             if not diagnose:
                 raise
             raise GrowthError(probe_failure(model, self.probe, exc)) from exc
+        _protect.attach(self)  # protection state brought back by a checkpoint is active again
 
     def register_growth_hook(self, hook: GrowthHook) -> RemovableHandle:
         """Call ``hook(record, changes)`` after every successful widen/deepen.
@@ -146,6 +149,11 @@ class GrowableNetwork(nn.Module):
         handle = RemovableHandle(self._growth_hooks)
         self._growth_hooks[handle.id] = hook
         return handle
+
+    def copy_without_hooks(self) -> GrowableNetwork:
+        """A deep copy with no growth hooks: nothing registered on this network sees the copy
+        grow (trial growth, frozen teachers). The hooks are not copied at all."""
+        return copy.deepcopy(self, {id(self._growth_hooks): OrderedDict()})
 
     @contextmanager
     def _atomic(self) -> Iterator[Transaction]:
@@ -216,7 +224,10 @@ class GrowableNetwork(nn.Module):
         self._analysis = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__dict__["_forward_fn"](self, *args, **kwargs)
+        out = self.__dict__["_forward_fn"](self, *args, **kwargs)
+        if self.training and _protect.CONTAINER in self._modules:
+            _protect.after_forward(self)  # frozen BatchNorm statistics are written back
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -227,6 +238,7 @@ class GrowableNetwork(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._recompile()
+        _protect.attach(self)  # copies (deepcopy, pickle) keep their protection active
 
     @property
     def graph(self) -> fx.Graph:
@@ -317,13 +329,14 @@ class GrowableNetwork(nn.Module):
         width: int | None = None,
         *,
         factor: float | None = None,
-        init: str = "net2net",
+        init: str | None = None,
         split: str = "random",
         noise: float = 0.0,
         generator: torch.Generator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         verify: bool = True,
         max_growth_bytes: float | None = None,
+        protect: str | None = None,
     ) -> GrowthRecord:
         """Net2WiderNet: give layer ``name`` ``width`` outputs (or ``factor`` times as many).
 
@@ -342,26 +355,76 @@ class GrowableNetwork(nn.Module):
         An operation that would allocate more than ``max_growth_bytes`` (default
         ``growth.limits.MAX_GROWTH_BYTES``, 8 GiB; new tensors, optimizer state and index maps,
         counted from the planned shapes) is refused before anything is allocated.
+
+        Protected growth (continual learning, see :meth:`protect`): ``protect="lateral"`` or
+        ``"independent"`` first freezes the current units of ``name`` (and of the layers coupled
+        to it), then widens; a refusal undoes both. On a protected network ``init`` defaults to
+        ``"zero"``, and any other ``init`` is refused when the operation touches frozen units.
         """
         start, params_before = time.perf_counter(), self.num_parameters()
         old_width = self.width(name)
         new_width = target_width(name, old_width, width, factor)
         limit = limits.resolve_limit(max_growth_bytes)
+        if protect is not None:
+            _protect.check_mode(protect)
+        if init is None:
+            protected = protect is not None or _protect.is_protected(self)
+            init = "zero" if protected else "net2net"
         check_widen_options(init, split, noise, generator)
         check_common(optimizer, verify)
-        outcome = widen.widen(
-            self,
-            name,
-            new_width,
-            init=init,
-            split=split,
-            noise=float(noise),
-            generator=generator,
-            optimizer=optimizer,
-            verify=verify,
-            limit=limit,
-        )
+        undo = None if protect is None else _protect.freeze(self, protect, [name], activate=False)
+        try:
+            outcome = widen.widen(
+                self,
+                name,
+                new_width,
+                init=init,
+                split=split,
+                noise=float(noise),
+                generator=generator,
+                optimizer=optimizer,
+                verify=verify,
+                limit=limit,
+            )
+        except BaseException:
+            if undo is not None:
+                undo.rollback()
+            raise
+        if _protect.is_protected(self):
+            _protect.attach(self)  # gradient masks for tensors protected by this operation
+            outcome[1]["protect"] = _protect.mode(self)
         return self._commit("widen", name, (old_width, new_width), params_before, start, outcome)
+
+    def protect(self, mode: str = "lateral", layers: Iterable[str] | None = None) -> list[str]:
+        """Freeze every current unit of ``layers`` (default: every growable layer; the output
+        layer is not one) for continual learning; returns the layers whose units are frozen.
+
+        A frozen unit's incoming weights, bias and per-channel state (BatchNorm affine
+        parameters and running statistics) never change again: their gradients are masked, and
+        after every step of any ``torch.optim`` optimizer (Adam's moments, momentum, AdamW's
+        decoupled weight decay included) and every training-mode forward, the frozen values are
+        written back. Widen afterwards (``init="zero"``, the default on a protected network) to
+        give the next experience fresh units. ``mode``:
+
+        - ``"lateral"`` (Progressive-Networks-like): new units read old and new units; old
+          units never read new ones (those weights are zero and stay zero), so every old unit
+          computes exactly what it did before;
+        - ``"independent"`` (DER-like): new units also read no frozen unit (block-diagonal
+          growth; those weights are zero and stay zero), except the network's input. Widen
+          producers before their readers (``net2grow.growth.protect.growth_order``).
+
+        Call it again at the next growth step: the previous new units become frozen too. The
+        state lives in ``self.protection`` (buffers: checkpoints keep it, and ``load`` brings it
+        back active); ``net2grow.growth.protect`` has queries (``frozen_units``,
+        ``violations``) and ``release``. On a refusal (``GrowthError``: a layer whose state
+        cannot be frozen per unit, another mode than the network's) nothing changes.
+        """
+        names = list(self.layers) if layers is None else list(layers)
+        _protect.freeze(self, mode, names)
+        box = _protect.state(self)
+        if box is None:
+            return []
+        return [n for n, _ in box.units.named_buffers()]
 
     # --- deepen --------------------------------------------------------------------------------
     def deepen(
@@ -380,14 +443,16 @@ class GrowableNetwork(nn.Module):
         copy of ``name``'s activation (or ``activation``); exact when that activation is
         idempotent on its inputs (ReLU after ReLU), otherwise refused. ``kind="residual"``:
         ``x + layer2(act(layer1(x)))`` with ``layer2`` zero, exact for every activation.
+        No BatchNorm is inserted, so both kinds are exact in eval and in train mode.
         New modules live under the top-level ``grown`` module; existing names never change.
         With ``optimizer``, the new parameters join the param group of ``name``'s weight.
         New layers needing more than ``max_growth_bytes`` (default
-        ``growth.limits.MAX_GROWTH_BYTES``) are refused before they are built.
+        ``net2grow.growth.limits.MAX_GROWTH_BYTES``) are refused before they are built.
         """
         start, params_before = time.perf_counter(), self.num_parameters()
         width = self.width(name)
         check_deepen_options(name, kind, activation)
+        _protect.check_deepen(self, name)
         limit = limits.resolve_limit(max_growth_bytes)
         check_common(optimizer, verify)
         outcome = deepen.deepen(

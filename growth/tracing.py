@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
 import warnings
 from collections.abc import Iterable
@@ -18,7 +19,9 @@ class GrowthTracer(fx.Tracer):
     """``torch.fx`` tracer that keeps modules with growth rules (and any user leaves) whole."""
 
     def __init__(self, leaf_types: Iterable[type] = ()) -> None:
-        super().__init__()
+        # functions whose ``training`` argument trace_both_modes turns into a module: kept as one
+        # call (where forward calls them by a global name), not traced into
+        super().__init__(autowrap_functions=tuple(_mode_functions()))
         self.extra_leaf_types = tuple(leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -69,8 +72,59 @@ DROPOUT_FUNCTIONS: dict[Any, type[nn.Module]] = {
 FUNCTIONAL_CONTAINER = "functional"
 
 
-def _training_arg(node: fx.Node) -> Any:
-    return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.kwargs.get(name, node.args[index] if len(node.args) > index else default)
+
+
+def _mode_functions() -> dict[Any, tuple[str, int, Any]]:
+    """Functions with a ``training`` argument that become modules when it follows the mode:
+    function -> (module name stem, position of ``training``, ``node -> module``)."""
+    table: dict[Any, tuple[str, int, Any]] = {
+        fn: ("dropout", 2, lambda n, cls=cls: cls(_arg(n, 1, "p", 0.5)))
+        for fn, cls in DROPOUT_FUNCTIONS.items()
+    }
+    vision = sys.modules.get("torchvision.ops")  # a model calling it has imported it
+    if vision is not None and hasattr(vision, "stochastic_depth"):
+        table[vision.stochastic_depth] = (
+            "stochastic_depth",
+            3,
+            lambda n: vision.StochasticDepth(_arg(n, 1, "p", None), _arg(n, 2, "mode", None)),
+        )
+    return table
+
+
+def _same_args(a: tuple[Any, dict[str, Any]], b: tuple[Any, dict[str, Any]]) -> bool:
+    """Whether two calls of the train and eval traces have the same ``(args, kwargs)`` (nodes
+    compared by name: both traces name them alike)."""
+
+    def plain(x: Any) -> Any:
+        return fx.node.map_arg(x, lambda n: ("node", n.name))
+
+    try:
+        return bool(plain(a[0]) == plain(b[0]) and plain(a[1]) == plain(b[1]))
+    except Exception:  # values that do not compare (tensors): treated as different
+        return False
+
+
+def _follows_mode(a: fx.Node, b: fx.Node, position: int) -> bool:
+    """``a`` (train trace) and ``b`` (eval trace) differ only by ``training=True``/``False``."""
+    if _arg(a, position, "training", True) is not True:
+        return False
+    if _arg(b, position, "training", True) is not False:
+        return False
+
+    def rest(n: fx.Node) -> tuple[Any, dict[str, Any]]:
+        args = tuple(x for i, x in enumerate(n.args) if i != position)
+        return args, {k: v for k, v in n.kwargs.items() if k != "training"}
+
+    return len(a.args) == len(b.args) and _same_args(rest(a), rest(b))
+
+
+def _describe_call(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or target
+    mod = getattr(target, "__module__", "") or ""
+    return f"{mod + '.' if mod else ''}{name} (node {node.name!r})"
 
 
 def trace_both_modes(
@@ -79,11 +133,12 @@ def trace_both_modes(
     """Trace ``model`` so that ``F.dropout(x, training=self.training)`` keeps following the mode.
 
     torch.fx evaluates ``self.training`` at trace time and bakes it into the graph. The model is
-    traced in train and in eval mode; each functional dropout whose ``training`` argument differs
-    between the two becomes an ``nn.Dropout`` module (returned, to be registered under
-    ``functional``; it has no parameters, so names and ``state_dict`` are unchanged). When the two
-    traces differ in anything else, the graph of the model's current mode is used and a warning
-    says that it is fixed to that mode.
+    traced in train and in eval mode; each functional dropout (and ``torchvision.ops.
+    stochastic_depth``) whose ``training`` argument differs between the two becomes the
+    equivalent module (returned, to be registered under ``functional``; it has no parameters, so
+    names and ``state_dict`` are unchanged). When the two traces differ in anything else (the
+    graph, or any other call's arguments), the graph of the model's current mode is used and a
+    warning says that it is fixed to that mode.
     """
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -98,26 +153,41 @@ def trace_both_modes(
     same_structure = len(train_nodes) == len(eval_nodes) and all(
         (a.op, a.target) == (b.op, b.target) for a, b in zip(train_nodes, eval_nodes)
     )
-    if not same_structure:
+    table = _mode_functions()
+    follows: list[fx.Node] = []
+    differs: list[fx.Node] = []
+    for a, b in zip(train_nodes, eval_nodes) if same_structure else ():
+        if _same_args((a.args, a.kwargs), (b.args, b.kwargs)):
+            continue
+        entry = table.get(a.target) if a.op == "call_function" else None
+        if entry is not None and _follows_mode(a, b, entry[1]):
+            follows.append(a)
+        else:
+            differs.append(a)
+    if not same_structure or differs:
+        if same_structure:
+            calls = ", ".join(_describe_call(n) for n in differs[:3])
+            what = f"forward passes self.training (or another mode-dependent value) to {calls}"
+        else:
+            what = "forward branches on self.training"
         warnings.warn(
-            f"{type(model).__name__}.forward branches on self.training; the traced graph follows "
-            f"{'train' if model.training else 'eval'} mode only. Make the branching module a "
+            f"{type(model).__name__}.{what}; the traced graph follows "
+            f"{'train' if model.training else 'eval'} mode only. Make the module that does so a "
             f"leaf (leaf_modules=[...]) to keep both behaviours.",
             stacklevel=3,
         )
         return (train_graph if model.training else eval_graph), {}
     modules: dict[str, nn.Module] = {}
-    for a, b in zip(train_nodes, eval_nodes):
-        if a.op != "call_function" or a.target not in DROPOUT_FUNCTIONS:
-            continue
-        if _training_arg(a) is True and _training_arg(b) is False:
-            p = a.kwargs.get("p", a.args[1] if len(a.args) > 1 else 0.5)
-            name = f"dropout{len(modules)}"
-            modules[name] = DROPOUT_FUNCTIONS[a.target](p)
-            with train_graph.inserting_after(a):
-                new = train_graph.call_module(f"{FUNCTIONAL_CONTAINER}.{name}", (a.args[0],))
-            a.replace_all_uses_with(new)
-            train_graph.erase_node(a)
+    counts: dict[str, int] = {}
+    for a in follows:
+        stem, _, build = table[a.target]
+        name = f"{stem}{counts.get(stem, 0)}"
+        counts[stem] = counts.get(stem, 0) + 1
+        modules[name] = build(a)
+        with train_graph.inserting_after(a):
+            new = train_graph.call_module(f"{FUNCTIONAL_CONTAINER}.{name}", (a.args[0],))
+        a.replace_all_uses_with(new)
+        train_graph.erase_node(a)
     return train_graph, modules
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx, nn
 
-from . import limits
+from . import limits, protect
 from .analysis import ChannelAnalysis
 from .changes import GrowthChanges
 from .errors import GrowthError
@@ -17,7 +17,7 @@ from .generators import DeviceGenerators
 from .limits import MAPPING_BYTES_PER_UNIT
 from .mapping import AxisMap, UnitMapping, axis_map, build_unit_mapping, grown_layout, shape_mapping
 from .optim import check_supported, remapped_state
-from .rules import ModuleUpdate, module_rule_for
+from .rules import ModuleUpdate, TensorGrowth, module_rule_for
 from .transform import AxisStep, grow_value
 from .verify import check_preserved, reference_output
 
@@ -83,14 +83,18 @@ def widen(
         check_supported(optimizer, [p for p in params if isinstance(p, nn.Parameter)])
     before = reference_output(net) if verify and init != "random" else None
     planned = compute_values(plans, init=init, noise=noise, generators=gens)
+    # protected networks: frozen entries kept, new units' constraints (may refuse; nothing changed)
+    guard = protect.plan_widen(net, name, planned, init)
     prefix = {id(m): n for n, m in net.named_modules()}
+    # a tied tensor is reported under the name net.named_parameters()/state_dict() give it first
+    canonical = {id(t): n for n, t in [*net.named_parameters(), *net.named_buffers()]}
     changes = GrowthChanges(init=init)
     with net._atomic() as tx:
         for pm in planned:
             for tname, value in pm.values.items():
                 owner, leaf = resolve(pm.module, tname)
                 p = getattr(owner, leaf)
-                full = f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
+                full = canonical.get(id(p)) or f"{prefix[id(pm.module)]}.{tname}".lstrip(".")
                 steps = pm.update.tensors[tname].steps
                 changes.tensors[full] = steps
                 changes.old_shapes[full] = tuple(p.shape)
@@ -101,6 +105,8 @@ def widen(
                 tx.set_tensor(owner, leaf, value)
             for attr, value in pm.update.attrs.items():
                 tx.set_attr(*resolve(pm.module, attr), value)
+        if guard is not None:
+            guard.install(tx)
         if before is None:  # not verified: shapes follow from the layouts, no forward
             _grow_recorded_shapes(net.analysis, group, new_units)
             err = None
@@ -178,7 +184,46 @@ def plan_updates(
         update = rule.grow(module, in_map, out_map, in_size, out_size)
         if update is not None:
             plans.append((name, module, update))
+    _grow_tied_once(plans)
     return plans
+
+
+def _grow_tied_once(plans: list[tuple[str, nn.Module, ModuleUpdate]]) -> None:
+    """A tensor shared by several planned modules (tied weights, joined by the analysis) is
+    grown once: the others' plans drop it after checking that they would grow it alike."""
+    seen: dict[int, tuple[str, TensorGrowth]] = {}
+    for name, module, update in plans:
+        for tname in list(update.tensors):
+            t = getattr(*resolve(module, tname))
+            if t is None:
+                continue
+            first = seen.get(id(t))
+            if first is None:
+                seen[id(t)] = (f"{name}.{tname}", update.tensors[tname])
+                continue
+            if not _same_growth(first[1], update.tensors[tname]):
+                raise GrowthError(
+                    f"{first[0]} is {name}.{tname} (one tensor, tied weights), and the two "
+                    f"layers would grow it differently; untie them (give each layer its own "
+                    f"copy) or grow layers that are not coupled to them"
+                )
+            del update.tensors[tname]
+
+
+def _same_growth(a: TensorGrowth, b: TensorGrowth) -> bool:
+    if a.fresh != b.fresh or len(a.steps) != len(b.steps):
+        return False
+    for x, y in zip(a.steps, b.steps):
+        if (x.dim, x.role, x.groups) != (y.dim, y.role, y.groups):
+            return False
+        for u, v in ((x.amap.source, y.amap.source), (x.amap.original, y.amap.original)):
+            if u.shape != v.shape or (u.device.type != "meta" and not torch.equal(u, v)):
+                return False
+        if x.amap.share.shape != y.amap.share.shape:
+            return False
+        if x.amap.share.device.type != "meta" and not torch.equal(x.amap.share, y.amap.share):
+            return False
+    return True
 
 
 def compute_values(

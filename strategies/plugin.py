@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..growth import GrowableNetwork, GrowthError, GrowthRecord
-from ..growth.deepen import find_chain
+from ..growth.budget import ParameterModel, growth_group, params_after_deepen, params_after_widen
 from ..growth.distributed import (
     check_replicas,
     control_device,
@@ -50,9 +50,6 @@ from ..growth.distributed import (
     grow_ddp,
     shared_generator,
 )
-from ..growth.mapping import shape_mapping
-from ..growth.rules import module_rule_for
-from ..growth.widen import grown_shape, plan_updates, resolve
 from . import compat
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads
@@ -169,83 +166,6 @@ class _GroupPlan:
     asked_units: int
     step: int  # units grow by multiples of this (grouped convolutions)
     units: int = 0  # planned
-
-
-class _BudgetModel:
-    """Parameter counts of ``net`` after widening several space groups at once, from the
-    planned shapes (``plan_updates`` with a ``meta`` mapping): nothing copied or allocated.
-
-    Built at ``units`` (group -> new unit count): the change of every parameter dimension per
-    group there. Counts at other unit counts scale each change linearly (layouts are sums of
-    segments, so sizes are affine in a group's units); changes of one dimension by several
-    groups (concatenations) add up.
-    """
-
-    def __init__(self, net: GrowableNetwork, units: dict[int, int]) -> None:
-        spaces = net.analysis.spaces
-        self.base = net.num_parameters()
-        self.old = {k: spaces.info(k).width for k in units}
-        self.at = dict(units)
-        self.shapes: dict[int, tuple[int, ...]] = {}
-        self.deltas: dict[int, dict[int, list[int]]] = {}  # param id -> group -> per-dim change
-        for k, n in units.items():
-            info = spaces.info(k)
-            for _, module, update in plan_updates(
-                net, net.analysis, k, shape_mapping(info.width, n, info.groups)
-            ):
-                for tname, growth in update.tensors.items():
-                    t = getattr(*resolve(module, tname))
-                    if not isinstance(t, nn.Parameter):
-                        continue
-                    shape = tuple(t.shape)
-                    new = grown_shape(shape, growth.steps)
-                    self.shapes[id(t)] = shape
-                    self.deltas.setdefault(id(t), {})[k] = [a - b for a, b in zip(new, shape)]
-
-    def count(self, units: dict[int, int]) -> int:
-        """Parameters after widening every group ``k`` of the model to ``units[k]`` units."""
-        total = self.base
-        for pid, shape in self.shapes.items():
-            dims = list(shape)
-            for k, delta in self.deltas[pid].items():
-                grown, planned = units[k] - self.old[k], self.at[k] - self.old[k]
-                if grown == planned:
-                    dims = [a + b for a, b in zip(dims, delta)]
-                    continue
-                for d, dd in enumerate(delta):
-                    if dd:
-                        dims[d] += -(-dd * grown // planned)  # rounded up: never undercounts
-            total += math.prod(dims) - math.prod(shape)
-        return total
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters and buffers are ``meta`` tensors (no data)."""
-    memo: dict[int, Any] = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        memo[id(t)] = (
-            nn.Parameter(meta, requires_grad=t.requires_grad)
-            if isinstance(t, nn.Parameter)
-            else meta
-        )
-    return copy.deepcopy(module, memo)
-
-
-def deepen_param_count(net: GrowableNetwork, layer: str, kind: str) -> int:
-    """Parameters ``net.deepen(layer, kind=kind)`` would add, counted without building them
-    (the new layer is built on ``meta`` tensors). Raises ``GrowthError`` where deepen would."""
-    module = net.get_submodule(layer)
-    rule = module_rule_for(module)
-    width = net.width(layer)
-    nodes = net.analysis.module_nodes[layer]
-    new = None if rule is None else rule.square_like(_meta_copy(module), width)
-    if new is None or len(nodes) != 1:
-        raise GrowthError(f"cannot deepen {layer!r}")
-    one = sum(p.numel() for p in new.parameters())
-    chain = find_chain(net, nodes[0])
-    act = 0 if chain.activation is None else sum(p.numel() for p in chain.activation.parameters())
-    return (2 * one if kind == "residual" else one) + act  # deepen inserts no BatchNorm
 
 
 def check_max_width(max_width: Any) -> int | dict[str, int] | None:
@@ -771,9 +691,10 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
                 continue
             try:
                 old = net.width(action.layer)
-                group, expand = net._group_of(action.layer)
+                found = growth_group(net, action.layer)
             except GrowthError:
                 continue  # refused when applied, with the engine's message
+            group, expand = found.id, found.expand
             asked = action.target_width(old)
             plans[i].asked = asked
             if asked <= old:
@@ -787,8 +708,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
                 )
                 first.asked_units = max(first.asked_units, -(-asked // expand))
                 continue
-            info = net.analysis.spaces.info(group)
-            groups[group] = _GroupPlan(i, expand, info.width, -(-asked // expand), info.groups)
+            groups[group] = _GroupPlan(i, expand, found.units, -(-asked // expand), found.step)
         if not groups:
             return plans
         for g in groups.values():
@@ -819,10 +739,11 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             cap = self._cap_of(name)
             if cap is None:
                 continue
-            group, expand = net._group_of(name)
-            g = groups.get(group)
-            if g is not None and cap // expand < g.units:
-                g.units = max(g.old_units + (cap // expand - g.old_units) // g.step * g.step, 0)
+            found = growth_group(net, name)
+            g = groups.get(found.id)
+            per = cap // found.expand
+            if g is not None and per < g.units:
+                g.units = max(g.old_units + (per - g.old_units) // g.step * g.step, 0)
                 plans[g.index].capped = f"max_width: {name!r} at most {cap}"
         for g in groups.values():
             if g.units <= g.old_units and plans[g.index].capped:
@@ -859,7 +780,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             return
         full = {k: g.units for k, g in live.items()}
         try:
-            model = _BudgetModel(net, full)
+            model = ParameterModel(net, full)
         except Exception:  # refused when applied, or a rule that cannot plan without data:
             return  # each widening is then capped on its own when applied
         if model.count(full) <= budget:
@@ -879,7 +800,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         chosen = units_at(lo)
         growing = {k: n for k, n in chosen.items() if n > live[k].old_units}
         try:
-            exact = _BudgetModel(net, growing).count(growing)
+            exact = ParameterModel(net, growing).count(growing)
         except Exception:
             exact = budget + 1
         if exact > budget:
@@ -895,21 +816,9 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
     def _params_after(self, net: GrowableNetwork, action: GrowthAction, width: int = 0) -> int:
         """Parameter count after ``action`` (at ``width`` for a widening), counted from the
         planned shapes; measured on a copy when a rule cannot plan without data."""
-        try:
-            if isinstance(action, Widen):
-                group, expand = net._group_of(action.layer)
-                units = -(-width // expand)
-                return _BudgetModel(net, {group: units}).count({group: units})
-            return net.num_parameters() + deepen_param_count(net, action.layer, action.kind)
-        except Exception:  # the engine will refuse, or a rule cannot plan without data:
-            pass  # measure on a copy (a refusal then raises the engine's own GrowthError)
-        trial = copy.deepcopy(net)
-        hooks = getattr(trial, "_growth_hooks", None)
-        if hooks is not None:
-            hooks.clear()  # nothing outside the copy may see its growth
         if isinstance(action, Widen):
-            return trial.widen(action.layer, width, init=action.init, verify=False).params_after
-        return trial.deepen(action.layer, kind=action.kind, verify=False).params_after
+            return params_after_widen(net, action.layer, width, init=action.init)
+        return params_after_deepen(net, action.layer, action.kind)
 
     def _fit_width(self, net: GrowableNetwork, action: Widen, old: int, asked: int) -> int:
         """The largest width in ``(old, asked]`` within ``max_params`` (``old`` if none)."""

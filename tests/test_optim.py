@@ -452,7 +452,7 @@ def test_deepen_adds_new_params_to_the_layers_group(
 
     new = [(n, p) for n, p in net.named_parameters() if n not in old_names]
     expected = {
-        ("0", "identity"): 4 * 4 * 9 + 4 + 2 * 4,  # conv + the BatchNorm that undoes itself
+        ("0", "identity"): 4 * 4 * 9 + 4,  # the conv only: no BatchNorm is inserted
         ("0", "residual"): 2 * (4 * 4 * 9 + 4),
         ("3", "identity"): 5 * 5 * 9 + 5,
         ("3", "residual"): 2 * (5 * 5 * 9 + 5),

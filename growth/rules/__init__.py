@@ -11,7 +11,9 @@ keyed by the function object (``call_function``) or the method name (``call_meth
 
 from __future__ import annotations
 
+import importlib
 import operator
+import sys
 from collections.abc import Callable
 
 import torch
@@ -95,6 +97,7 @@ def register_method_rule(name: str, rule: FunctionRule) -> None:
 
 
 def module_rule_for(module: nn.Module) -> ModuleRule | None:
+    _register_optional()
     for cls in type(module).__mro__:
         if cls in _MODULE_RULES:
             return _MODULE_RULES[cls]
@@ -110,11 +113,13 @@ class _GetItem(FunctionRule):
 
 def module_spec_for(module_type: type) -> ModuleSpec | None:
     """How checkpoints rebuild layers of exactly ``module_type`` (None: they cannot)."""
+    _register_optional()
     return _MODULE_SPECS.get(module_type)
 
 
 def checkpointable_types() -> dict[str, type]:
     """Every layer type a checkpoint can rebuild, by class name."""
+    _register_optional()
     return {t.__name__: t for t in _MODULE_SPECS}
 
 
@@ -282,16 +287,16 @@ _BUILTIN_FUNCTIONS: list[tuple[tuple[Callable, ...], FunctionRule]] = [
         (
             F.celu, F.hardsigmoid, F.softsign, F.logsigmoid, F.tanhshrink,
             F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-            torch.abs, torch.exp, torch.neg, operator.neg, torch.clamp, torch.square,
-            torch.sqrt, torch.pow, operator.pow,
+            torch.abs, torch.exp, torch.neg, operator.neg, torch.square, torch.sqrt,
         ),
         _UNARY,
     ),
     (
+        # every tensor operand carries channels (a scalar operand is simply not a node)
         (
             operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
             operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-            torch.maximum, torch.minimum, torch.where,
+            torch.maximum, torch.minimum, torch.where, torch.clamp, torch.pow, operator.pow,
         ),
         _ELEMENTWISE,
     ),
@@ -321,13 +326,19 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
     (("tanh", "tanh_"), _TANH),
     (
         (
-            "exp", "abs", "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "pow", "sqrt",
-            "square", "mul_", "div_", "contiguous", "clone", "detach", "float", "double",
-            "half", "bfloat16", "to", "type_as",
+            "exp", "abs", "neg", "sqrt", "square", "contiguous", "clone", "detach", "float",
+            "double", "half", "bfloat16", "to", "type_as",
         ),
         _UNARY,
     ),
-    (("add", "add_", "sub", "sub_", "mul", "div", "maximum", "minimum"), _ELEMENTWISE),
+    (
+        # in-place ones too: ``x.mul_(gate)`` joins ``gate``'s channels like ``x * gate``
+        (
+            "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+            "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
+        ),
+        _ELEMENTWISE,
+    ),
     (("flatten",), Flatten()),
     (("view", "reshape"), _RESHAPE),
     (("mean", "sum", "amax"), _REDUCE),
@@ -337,6 +348,38 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
     (("size", "dim", "numel"), _NON_TENSOR),
 ]
 # fmt: on
+
+
+#: Layer types of optional packages: (package, module, class name, rule, constructor arguments).
+#: ``torchvision.ops.StochasticDepth`` drops whole samples' residual branches at random in train
+#: mode (the same factor for every channel of a sample) and is the identity in eval mode: it acts
+#: on each channel alike, and as a leaf module it keeps following the network's train/eval mode.
+#: (Its function, ``torchvision.ops.stochastic_depth(x, p, mode, self.training)``, becomes this
+#: module when traced: ``tracing.trace_both_modes``.)
+_OPTIONAL_LAYERS: list[tuple[str, str, str, ModuleRule, tuple[str, ...]]] = [
+    ("torchvision", "torchvision.ops", "StochasticDepth", PassThroughRule(), ("p", "mode")),
+]
+_OPTIONAL_PENDING = {pkg for pkg, *_ in _OPTIONAL_LAYERS}
+
+
+def _register_optional() -> None:
+    """Register the rules of :data:`_OPTIONAL_LAYERS` for every package that has been imported
+    (a model using its layers has imported it; nothing is imported here). A rule registered by
+    the user for the same type is kept. To load a checkpoint holding such layers in a fresh
+    process, import the package first."""
+    if not _OPTIONAL_PENDING:
+        return
+    for pkg in [p for p in _OPTIONAL_PENDING if p in sys.modules]:
+        _OPTIONAL_PENDING.discard(pkg)
+        for owner, module_name, attr, rule, args in _OPTIONAL_LAYERS:
+            if owner != pkg:
+                continue
+            try:
+                cls = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError):
+                continue
+            if cls not in _MODULE_RULES:
+                register_module_rule(cls, rule, spec=ModuleSpec(args))
 
 
 def _register_builtins() -> None:

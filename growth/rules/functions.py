@@ -9,9 +9,23 @@ from .shape_ops import flatten_layout, normalise_dim, reshape_layout
 
 
 class Unary(FunctionRule):
-    """Elementwise on its first argument (activations, dropout, casts, scalar arithmetic)."""
+    """Elementwise on its first argument (activations, dropout, casts, scalar arithmetic).
+
+    Another tensor operand that carries channels (``x.to(other)`` and ``x.type_as(other)`` read
+    only its dtype and device) would have to grow with the first one, which a unary rule cannot
+    follow: such a call is refused rather than left to break (ops with tensor operands are
+    :class:`Elementwise`).
+    """
+
+    #: Methods whose other tensor operands supply only a dtype or a device.
+    METADATA_ONLY = frozenset({"to", "type_as"})
 
     def infer(self, ctx, node):  # type: ignore[override]
+        first = node.args[0] if node.args else None
+        if node.target not in self.METADATA_ONLY and any(
+            a is not first and ctx.layout(a) is not None for a in node.all_input_nodes
+        ):
+            return ctx.opaque(node, "has a second tensor operand, which a unary rule ignores")
         return ctx.passthrough(node)
 
 

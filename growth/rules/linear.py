@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedLayerError
 from ..layout import Layout, Segment
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
@@ -61,6 +62,17 @@ class EmbeddingRule(ModuleRule):
     def infer(self, ctx, name, module, node):  # type: ignore[override]
         out_shape = ctx.shape(node)
         space = ctx.module_space(name, module.embedding_dim)
+        if module.max_norm is not None:
+            # renormalisation reads the norm of a whole row: replicated columns change it
+            ctx.spaces.block(
+                space,
+                f"layer {name!r} (Embedding) has max_norm={module.max_norm}: each row it looks "
+                f"up is rescaled to norm {module.max_norm} over all {module.embedding_dim} "
+                f"columns, and replicated columns would change that norm (and the rescaling). "
+                f"Set max_norm=None on it, or keep its embedding_dim fixed (grow layers that "
+                f"are not coupled to its output)",
+                UnsupportedLayerError,
+            )
         return Layout(len(out_shape) - 1, (Segment(space, module.embedding_dim),))
 
     def width(self, module):  # type: ignore[override]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...growth import GrowableNetwork
 from .errors import ResumeMismatchError
 
 __all__ = [
@@ -55,8 +56,6 @@ def check_state_dict(model: nn.Module, state: dict[str, Any], where: str) -> Non
 
 def detached_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` without its growth hooks (as LwF's own copies behave)."""
-    teacher = copy.deepcopy(model)
-    hooks = getattr(teacher, "_growth_hooks", None)
-    if hooks is not None:
-        hooks.clear()
-    return teacher
+    if isinstance(model, GrowableNetwork):
+        return model.copy_without_hooks()
+    return copy.deepcopy(model)
