@@ -141,7 +141,8 @@ class Variant:
 
     ``start`` is ``"teacher"`` (grown from, or continuing, the trained teacher) or ``"scratch"``;
     ``grow`` holds the keyword arguments of ``widen`` (or ``{"deepen": kind}``); ``scratch`` names
-    the from-scratch run with the same architecture, the reference of the advantage column.
+    the from-scratch run with the same architecture, the reference of the advantage column;
+    ``arch`` is the architecture trained: ``"narrow"`` (the teacher's), ``"wide"`` or ``"deep"``.
     """
 
     key: str
@@ -149,6 +150,7 @@ class Variant:
     start: str
     grow: dict[str, Any] | None
     scratch: str | None
+    arch: str
     exact: bool = False
     style: dict[str, Any] = field(default_factory=dict)
 
@@ -162,6 +164,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"init": "net2net", "split": "random"},
             "wide-scratch",
+            arch="wide",
             exact=True,
             style={"color": "C0"},
         ),
@@ -171,6 +174,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"init": "net2net", "split": "equal"},
             "wide-scratch",
+            arch="wide",
             exact=True,
             style={"color": "C1"},
         ),
@@ -180,6 +184,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"init": "net2net", "split": "equal", "noise": noise},
             "wide-scratch",
+            arch="wide",
             style={"color": "C2"},
         ),
         Variant(
@@ -188,6 +193,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"init": "zero"},
             "wide-scratch",
+            arch="wide",
             exact=True,
             style={"color": "C4"},
         ),
@@ -197,6 +203,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"init": "random"},
             "wide-scratch",
+            arch="wide",
             style={"color": "C3"},
         ),
         Variant(
@@ -205,6 +212,7 @@ def variants(noise: float) -> list[Variant]:
             "scratch",
             None,
             None,
+            arch="wide",
             style={"color": "k", "linestyle": "--"},
         ),
         Variant(
@@ -213,6 +221,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             None,
             "narrow-scratch",
+            arch="narrow",
             exact=True,
             style={"color": "C7"},
         ),
@@ -222,6 +231,7 @@ def variants(noise: float) -> list[Variant]:
             "scratch",
             None,
             None,
+            arch="narrow",
             style={"color": "C7", "linestyle": "--"},
         ),
         Variant(
@@ -230,6 +240,7 @@ def variants(noise: float) -> list[Variant]:
             "teacher",
             {"deepen": "identity"},
             "deep-scratch",
+            arch="deep",
             exact=True,
             style={"color": "C5"},
         ),
@@ -239,6 +250,7 @@ def variants(noise: float) -> list[Variant]:
             "scratch",
             None,
             None,
+            arch="deep",
             style={"color": "C5", "linestyle": "--"},
         ),
     ]
@@ -610,10 +622,11 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
         tensorboard_hparams(run_dir, settings, values, result["steps"][-1])
 
     # the teacher: the narrow network trained from scratch
+    teacher_run = next(v for v in vs if v.start == "scratch" and v.arch == "narrow")
     teacher = _seeded(seed, lambda: GrowableNetwork(SmallCNN(), example_inputs=example.cpu()))
     teacher.to(device)
     teacher_opt = _optimizer(teacher, cfg)
-    writer = writer_for("narrow-scratch")
+    writer = writer_for(teacher_run.key)
     try:
         curve = train(
             teacher,
@@ -628,22 +641,22 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
     finally:
         writer.close()
     teacher_acc, teacher_logits = evaluate(teacher, data.x_test, data.y_test)
-    out["narrow-scratch"] = _result(curve, teacher, None, None)
-    hparams_for("narrow-scratch", out["narrow-scratch"])
+    out[teacher_run.key] = _result(curve, teacher, None, None)
+    hparams_for(teacher_run.key, out[teacher_run.key])
 
     wide_widths = [int(round(teacher.width(n) * cfg.widen_factor)) for n in WIDEN_LAYERS]
     for v in vs:
-        if v.key == "narrow-scratch":
+        if v is teacher_run:
             continue
         start = time.perf_counter()
         records: list[dict[str, Any]] = []
         if v.start == "teacher":
             net, opt = _continue_from(teacher, teacher_opt, cfg)
             records = _grow(net, opt, v, cfg, seed)
-        elif v.key == "wide-scratch":
+        elif v.arch == "wide":
             net = _seeded(20_000 + seed, lambda: SmallCNN(*wide_widths)).to(device)
             opt = _optimizer(net, cfg)
-        elif v.key == "deep-scratch":
+        elif v.arch == "deep":
             net = _deep_scratch(example.cpu(), 30_000 + seed).to(device)
             opt = _optimizer(net, cfg)
         else:  # pragma: no cover - a new variant without a recipe
@@ -712,7 +725,9 @@ def advantage(run: dict[str, Any], ref: dict[str, Any], horizon: int) -> float |
 def summarise(per_seed: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str, Any]]:
     """Per-variant metric values over seeds (lists, one entry per seed)."""
     out: dict[str, dict[str, Any]] = {}
-    for v in variants(cfg.noise):
+    vs = variants(cfg.noise)
+    control_key = next(v.key for v in vs if v.start == "teacher" and v.grow is None)
+    for v in vs:
         m: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -728,7 +743,7 @@ def summarise(per_seed: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str
         }
         for s in per_seed:
             run = s["variants"][v.key]
-            control = s["variants"]["teacher-continued"]["accuracy"][-1]
+            control = s["variants"][control_key]["accuracy"][-1]
             m["acc_at_0"].append(run["accuracy"][0])
             m["logit_change_at_0"].append(run["logit_change_at_0"])
             m["steps_to_teacher"].append(

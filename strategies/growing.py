@@ -31,6 +31,9 @@ class Growing(SupervisedTemplate):
         :class:`GrowthPlugin`).
     max_width : int or dict of str to int, optional
         Per-layer width caps (see :class:`GrowthPlugin`).
+    protect : {"lateral", "independent"}, optional
+        Protected growth: old units frozen at each growth step after the first experience,
+        widenings with ``init="zero"`` (see :class:`GrowthPlugin`).
     growth_options : dict, optional
         Further :class:`GrowthPlugin` keywords (``optimizer_state``, ``generator``, ...).
     **template_kwargs
@@ -48,13 +51,18 @@ class Growing(SupervisedTemplate):
         policy: GrowthPolicy,
         max_params: int | None = None,
         max_width: int | dict[str, int] | None = None,
+        protect: str | None = None,
         growth_options: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> None:
         require_growable(model)
         extra = list(template_kwargs.pop("plugins", None) or [])
         growth = GrowthPlugin(
-            policy, max_params=max_params, max_width=max_width, **(growth_options or {})
+            policy,
+            max_params=max_params,
+            max_width=max_width,
+            protect=protect,
+            **(growth_options or {}),
         )
         duplicates = [p for p in extra if isinstance(p, GrowthPlugin)]
         if duplicates:

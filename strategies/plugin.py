@@ -12,7 +12,7 @@ Where growth happens in Avalanche 0.6's callback order (``BaseSGDTemplate._befor
    ``strategy.make_optimizer()`` and a consistency check of the optimizer.
 
 EWC/SI state follows every growth of the model through the engine's growth hook
-(:mod:`strategies.compat`), also when user code grows the network itself.
+(:mod:`strategies.plugin_state`), also when user code grows the network itself.
 
 Distributed training (``torch.distributed``): Avalanche 0.6 never wraps the model itself. Its
 distributed support is ``DistributedHelper`` (process group, seeds), ``DistributedSampler`` in
@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..growth import GrowableNetwork, GrowthError, GrowthRecord
+from ..growth import protect as protection
 from ..growth.budget import ParameterModel, growth_group, params_after_deepen, params_after_widen
 from ..growth.distributed import (
     check_replicas,
@@ -50,7 +51,7 @@ from ..growth.distributed import (
     grow_ddp,
     shared_generator,
 )
-from . import compat
+from . import plugin_state, refusals
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads
 
@@ -234,7 +235,7 @@ class _RegularizerSync:
         start = time.perf_counter()
         if isinstance(strategy.model, DistributedDataParallel):
             changes = _prefixed(changes, "module.")  # the plugins saw the wrapper's names
-        compat.remap_regularizers(strategy.plugins, strategy.model, changes)
+        plugin_state.remap_regularizers(strategy.plugins, strategy.model, changes)
         if not self.plugin.busy:  # growth by user code: the plugin's own is timed whole
             self.plugin.growth_seconds += time.perf_counter() - start
 
@@ -300,6 +301,22 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         Randomness of the unit mappings (an int seeds a new generator): same seed, same growth.
     on_refusal : {"warn", "raise"}
         What to do when the engine refuses an action (``GrowthError``).
+    protect : {"lateral", "independent"}, optional
+        Protected growth for continual learning (see :meth:`growth.GrowableNetwork.protect`).
+        At each growth step before an experience but the first that has ``Widen`` actions
+        (after the actions left pending by the last iteration), every current unit of the
+        growable layers is frozen (``net.protect(protect)``; refused: every ``Widen`` of that
+        step is "refused", ``on_refusal`` applies), and the step's widenings run producers
+        first (``growth.protect.growth_order``). "lateral": old units never read new ones, so
+        in eval mode they compute, bit for bit, what they computed after the growth, however
+        long the new units train; "independent": new units also read no old unit (block
+        diagonal). The output layer is never frozen. With ``protect`` set, widenings use
+        ``init="zero"`` (new units: random incoming, zero outgoing weights) in place of
+        ``"net2net"``, which a protected network refuses; mid-experience growth (``OnPlateau``)
+        widens that way without freezing anything more. A deepening that frozen units would read
+        through is refused by the engine (``on_refusal`` applies). The protection state lives in
+        the network's buffers (``net.protection``): parameter counts and ``max_params`` ignore
+        it, checkpoints keep it. An option: ``state_dict`` does not include it.
 
     One growth step widens each group of coupled layers once: two ``Widen`` actions of one
     step on layers of one group (say ``layer1.0.conv2`` and ``layer1.1.conv2`` of a ResNet,
@@ -318,6 +335,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         optimizer_state: str = "carry",
         generator: torch.Generator | int | None = None,
         on_refusal: str = "warn",
+        protect: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(policy, GrowthPolicy):
@@ -332,6 +350,8 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if max_params is not None and (isinstance(max_params, bool) or max_params < 1):
             raise ValueError(f"max_params must be a positive int, got {max_params!r}")
         max_width = check_max_width(max_width)
+        if protect is not None:
+            protect = protection.check_mode(protect)  # GrowthError
         if isinstance(generator, int) and not isinstance(generator, bool):
             generator = torch.Generator().manual_seed(generator)
         self.policy = policy
@@ -340,6 +360,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         self.optimizer_state = optimizer_state
         self.generator = generator
         self.on_refusal = on_refusal
+        self.protect = protect
         self.events: list[GrowthEvent] = []
         self.growth_seconds = 0.0
         self.strategy: Any = None
@@ -352,7 +373,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
     # --- Avalanche callbacks -------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         refuse_duplicates(self, strategy.plugins)
-        compat.refuse_incompatible(strategy)  # GrowthError: GDumb, LFL, ICaRL, FromScratch...
+        refusals.refuse_incompatible(strategy)  # GrowthError: GDumb, LFL, ICaRL, FromScratch...
         net = self.network(strategy)
         self._check_max_width_names(net)
         self.strategy = strategy
@@ -361,7 +382,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if self._hooked is not net:
             if self._handle is not None:
                 self._handle.remove()
-            self._handle = compat.subscribe(net, _RegularizerSync(self))
+            self._handle = plugin_state.subscribe(net, _RegularizerSync(self))
             self._hooked = net
 
     def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
@@ -374,11 +395,17 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
             actions = agree_actions(actions, replicas.group)
         # two growth steps: what the last iteration asked for, then the policy's new actions
         self._apply(strategy, net, actions[:pending], "before_experience")
-        self._apply(strategy, net, actions[pending:], "before_experience")
+        fresh = actions[pending:]
+        protect_step = (
+            self.protect is not None
+            and int(strategy.clock.train_exp_counter) > 0
+            and any(isinstance(a, Widen) for a in fresh)
+        )
+        self._apply(strategy, net, fresh, "before_experience", protect=protect_step)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         # After the heads' adaptation: new heads may sit before layers added by deepen.
-        compat.align_regularizers(strategy.plugins, strategy.model)
+        plugin_state.align_regularizers(strategy.plugins, strategy.model)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         replicas = replicas_of(strategy.model)
@@ -412,9 +439,17 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         return require_growable(model)
 
     def _apply(
-        self, strategy: Any, net: GrowableNetwork, actions: Sequence[GrowthAction], phase: str
+        self,
+        strategy: Any,
+        net: GrowableNetwork,
+        actions: Sequence[GrowthAction],
+        phase: str,
+        *,
+        protect: bool = False,
     ) -> bool:
-        """Apply ``actions`` in order; True when the network changed."""
+        """Apply ``actions`` in order; True when the network changed. With ``protect``, first
+        freeze the network's current units (``self.protect`` mode) and order the widenings
+        producers first (``_protect_step``)."""
         if not actions:
             return False
         device = torch.device(strategy.device)
@@ -427,15 +462,23 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if bare is not None:
             self._check_replicas(net, bare, f"before growth ({phase})")
         changed = False
+        refused = ""  # why every widening of this step is refused (protect failed)
         try:
             start = time.perf_counter()
+            if protect:
+                actions, refused = self._protect_step(net, actions)
             plans = self._plan(net, actions)
             self.growth_seconds += time.perf_counter() - start
             for action, plan in zip(actions, plans):
                 start = time.perf_counter()
                 self.busy = True
                 try:
-                    event = self._grow(strategy, net, action, phase, plan)
+                    if refused and isinstance(action, Widen):
+                        event = self._event(
+                            strategy, net, action, phase, status="refused", reason=refused
+                        )
+                    else:
+                        event = self._grow(strategy, net, action, phase, plan)
                 finally:
                     self.busy = False
                 self.growth_seconds += time.perf_counter() - start
@@ -446,6 +489,45 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         if bare is not None:
             self._check_replicas(net, bare, f"after growth ({phase})")
         return changed
+
+    def _protect_step(
+        self, net: GrowableNetwork, actions: Sequence[GrowthAction]
+    ) -> tuple[list[GrowthAction], str]:
+        """Freeze every current unit of ``net`` (``net.protect``, deterministic: every rank
+        does it alike) and put the ``Widen`` actions, in the slots they hold among ``actions``,
+        in ``growth_order`` (producers first; actions on unknown layers keep their place and are
+        refused when applied). Returns the actions and "", or the actions unchanged and the
+        reason when protect is refused (raised with ``on_refusal="raise"``)."""
+        try:
+            net.protect(self.protect)  # type: ignore[arg-type]
+        except GrowthError as exc:
+            if self.on_refusal == "raise":
+                raise
+            reason = f"protect={self.protect!r} refused: {exc}"
+            warnings.warn(f"growth refused: {reason}", stacklevel=4)
+            return list(actions), reason
+        slots = [i for i, a in enumerate(actions) if isinstance(a, Widen)]
+        known = []
+        for i in slots:
+            try:
+                protection.growth_order(net, [actions[i].layer])
+            except GrowthError:
+                continue
+            known.append(i)
+        names = protection.growth_order(net, [actions[i].layer for i in known])
+        rank = {n: r for r, n in reversed(list(enumerate(names)))}  # first place of a name
+        ordered = sorted(known, key=lambda i: rank[actions[i].layer])  # stable sort
+        out = list(actions)
+        for slot, i in zip(known, ordered):
+            out[slot] = actions[i]
+        return out, ""
+
+    def _init_of(self, action: Widen) -> str:
+        """The ``init`` a widening uses: with ``protect`` set, "zero" in place of "net2net"
+        (which a protected network refuses); other inits are left to the engine."""
+        if self.protect is not None and action.init == "net2net":
+            return "zero"
+        return action.init
 
     def _check_replicas(self, net: GrowableNetwork, replicas: _Replicas, when: str) -> None:
         """``check_replicas`` of bare replicas (no DDP wrapper), a collective call."""
@@ -576,7 +658,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
                     lambda n: n.widen(
                         action.layer,
                         width,
-                        init=action.init,
+                        init=self._init_of(action),
                         split=action.split,
                         noise=action.noise,
                         generator=generator,
@@ -817,7 +899,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         """Parameter count after ``action`` (at ``width`` for a widening), counted from the
         planned shapes; measured on a copy when a rule cannot plan without data."""
         if isinstance(action, Widen):
-            return params_after_widen(net, action.layer, width, init=action.init)
+            return params_after_widen(net, action.layer, width, init=self._init_of(action))
         return params_after_deepen(net, action.layer, action.kind)
 
     def _fit_width(self, net: GrowableNetwork, action: Widen, old: int, asked: int) -> int:

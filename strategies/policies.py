@@ -7,7 +7,9 @@ A policy is asked by :class:`~strategies.plugin.GrowthPlugin` at two points:
   applied at the start of the next iteration, with an explicit optimizer fix-up).
 
 Both return a list of growth actions (:class:`Widen`, :class:`Deepen`); an empty list means no
-growth. Subclass :class:`Policy` (no-op defaults) or implement :class:`GrowthPolicy` directly.
+growth. Subclass :class:`GrowthPolicy` (no-op defaults, ``state_dict``/``load_state_dict``), or
+give any object these two methods: ``isinstance(obj, GrowthPolicy)`` holds for it too, which is
+what the plugin checks.
 
 The actions returned at once are one *growth step*. Layers whose outputs are coupled (a ResNet
 stage's blocks and shortcuts, which feed one sum) share one width, so a step should widen each
@@ -17,11 +19,12 @@ plugin merges any further ``Widen`` of a group already widened in the step.
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from ..growth import GrowableNetwork, GrowthError
 
@@ -63,26 +66,29 @@ class Deepen:
 GrowthAction = Widen | Deepen
 
 
-@runtime_checkable
-class GrowthPolicy(Protocol):
-    """What a growth policy implements (see the module docstring)."""
+_CALLBACKS = ("before_experience", "after_iteration")
+
+
+class _DuckTyped(abc.ABCMeta):
+    """``isinstance(obj, GrowthPolicy)`` is true for any object that has both callbacks (as for a
+    runtime-checkable protocol); subclasses of ``GrowthPolicy`` are checked nominally."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if cls is not GrowthPolicy:
+            return super().__instancecheck__(obj)
+        return all(getattr(obj, name, None) is not None for name in _CALLBACKS)
+
+
+class GrowthPolicy(metaclass=_DuckTyped):
+    """A growth policy (see the module docstring): base class with no-op callbacks, override the
+    ones the policy needs."""
 
     def before_experience(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
         """Actions to apply before training on ``strategy.experience``."""
-        ...
-
-    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
-        """Actions to apply before the next training iteration (``strategy.loss`` is set)."""
-        ...
-
-
-class Policy:
-    """Base class with no-op callbacks: override the ones the policy needs."""
-
-    def before_experience(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
         return []
 
     def after_iteration(self, strategy: Any, net: GrowableNetwork) -> Sequence[GrowthAction]:
+        """Actions to apply before the next training iteration (``strategy.loss`` is set)."""
         return []
 
     def state_dict(self) -> dict[str, Any]:
@@ -147,7 +153,7 @@ def experiences_seen(strategy: Any) -> int:
     return int(strategy.clock.train_exp_counter)
 
 
-class EveryExperience(Policy):
+class EveryExperience(GrowthPolicy):
     """Widen every coupled group by ``factor`` before every experience but the first.
 
     One growth step widens each group of coupled layers (:func:`coupled_groups`) exactly once:
@@ -218,7 +224,7 @@ class EveryExperience(Policy):
         return actions
 
 
-class NewClasses(Policy):
+class NewClasses(GrowthPolicy):
     """Give each layer ``units_per_class`` units per class seen so far (never shrinking).
 
     Classes are counted as distinct ``(task label, class)`` pairs over the experiences trained
@@ -259,7 +265,7 @@ class NewClasses(Policy):
         ]
 
 
-class OnPlateau(Policy):
+class OnPlateau(GrowthPolicy):
     """Widen mid-experience when the training loss stops improving.
 
     The loss (``strategy.loss``, penalties included) is smoothed by an exponential moving

@@ -10,7 +10,7 @@ strategy/plugin      with GrowthPlugin
 EWC (separate)       works: anchors/importances remapped, penalty unchanged by growth
 EWC (online)         works: same
 SI                   works: flat state remapped to the grown sizes (its penalty equality is tested
-                     in test_strategies_compat.py: Avalanche's SI importance is 0 on CPU)
+                     in test_strategies_plugin_state.py: Avalanche's SI importance is 0 on CPU)
 MAS                  works: anchors/importances remapped, penalty unchanged by growth
 RWalk                works: every per-parameter dict remapped, penalty unchanged by growth
 LwF                  works: the teacher is a pre-growth copy, distillation unchanged by growth
@@ -85,7 +85,7 @@ from torch import nn
 
 from net2grow.growth import GrowableNetwork, GrowthError
 from net2grow.strategies import GrowthPlugin
-from net2grow.strategies.compat import _RWALK_REMAPS, penalty
+from net2grow.strategies.plugin_state import _RWALK_REMAPS, penalty
 from net2grow.strategies.policies import EveryExperience
 
 HIDDEN, GROWN = 16, 24

@@ -17,7 +17,7 @@ from torch import nn
 
 from net2grow.growth import GrowableNetwork
 from net2grow.strategies import GrowthPlugin
-from net2grow.strategies.policies import EveryExperience, Policy, Widen, coupled_groups
+from net2grow.strategies.policies import EveryExperience, GrowthPolicy, Widen, coupled_groups
 
 
 def grow_step(plugin: GrowthPlugin, net: GrowableNetwork, k: int) -> None:
@@ -49,7 +49,7 @@ def widths(net: GrowableNetwork) -> dict[str, int]:
     return {n: net.width(n) for n in net.layers}
 
 
-class _EveryLayer(Policy):
+class _EveryLayer(GrowthPolicy):
     """A policy written the naive way: every growable layer, coupled or not."""
 
     def before_experience(self, strategy, net):

@@ -23,7 +23,7 @@ from torch import nn
 from net2grow.growth import GrowthError
 from net2grow.strategies import GrowthPlugin
 from net2grow.strategies.plugin import check_optimizer
-from net2grow.strategies.policies import EveryExperience, OnPlateau, Policy, Widen
+from net2grow.strategies.policies import EveryExperience, GrowthPolicy, OnPlateau, Widen
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_plain_model_is_rejected_with_a_fix(stream):
         strategy.train(stream.train_stream[0])
 
 
-class _WidenOutput(Policy):
+class _WidenOutput(GrowthPolicy):
     def before_experience(self, strategy, net):
         return [Widen("4", width=12)]  # the output layer: refused by the engine
 

@@ -17,7 +17,6 @@ from net2grow.strategies.policies import (
     GrowthPolicy,
     NewClasses,
     OnPlateau,
-    Policy,
     Widen,
     coupled_groups,
     one_per_group,
@@ -133,7 +132,7 @@ class _Custom:
 
 def test_the_protocol_is_what_the_plugin_checks():
     assert isinstance(_Custom(), GrowthPolicy)
-    assert isinstance(Policy(), GrowthPolicy)
+    assert isinstance(GrowthPolicy(), GrowthPolicy)
     GrowthPlugin(_Custom())
     with pytest.raises(TypeError, match="before_experience"):
         GrowthPlugin(object())

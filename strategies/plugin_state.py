@@ -1,4 +1,4 @@
-"""Keeping Avalanche's plugins right across growth, and refusing those that cannot be.
+"""Keeping Avalanche plugins' per-parameter state right across growth.
 
 Regularisers (``EWCPlugin``, ``SynapticIntelligencePlugin``, ``MASPlugin``, ``RWalkPlugin``)
 keep tensors shaped like each parameter (anchor values ``θ*`` and importances ``Ω``) and add
@@ -38,8 +38,8 @@ zero-importance entries at once (it would fail on the unknown name mid-experienc
 zero loss/score entries (its running estimates would fail on the unknown name), so that it
 penalises them after the next experience like every other parameter.
 
-Strategies and plugins that cannot follow growth at all are refused before training
-(:func:`refuse_incompatible`).
+Strategies and plugins that cannot follow growth at all are refused before training by
+:mod:`strategies.refusals`.
 """
 
 from __future__ import annotations
@@ -50,24 +50,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from avalanche.models import BaseModel
 from avalanche.training.plugins import (
     AGEMPlugin,
     EWCPlugin,
-    FromScratchTrainingPlugin,
-    GDumbPlugin,
     GEMPlugin,
-    LFLPlugin,
     MASPlugin,
     RWalkPlugin,
     SynapticIntelligencePlugin,
 )
-from avalanche.training.supervised import ICaRL
 from avalanche.training.utils import ParamData
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..growth import GrowableNetwork, GrowthError, GrowthRecord
+from ..growth import GrowableNetwork, GrowthRecord
 from ..growth.mapping import AxisMap
 from ..growth.transform import AxisStep, grow_state, grow_value
 
@@ -428,58 +423,6 @@ def align_regularizers(plugins: Iterable[Any], model: nn.Module) -> None:
     for p in plugins:
         if isinstance(p, EWCPlugin):
             align_online_ewc(p, model)
-
-
-# --- refusals -------------------------------------------------------------------------------------
-def _gdumb(plugin: Any, strategy: Any) -> str | None:
-    if isinstance(plugin, GDumbPlugin):
-        return (
-            "GDumbPlugin replaces strategy.model with a copy of the initial model before every "
-            "experience (it retrains from scratch), so every growth would be discarded"
-        )
-    return None
-
-
-def _lfl(plugin: Any, strategy: Any) -> str | None:
-    if isinstance(plugin, LFLPlugin) and not isinstance(strategy.model, BaseModel):
-        return (
-            "LFLPlugin compares the features of strategy.model.get_features() and needs an "
-            "avalanche.models.BaseModel; a GrowableNetwork is not one"
-        )
-    return None
-
-
-def _from_scratch(plugin: Any, strategy: Any) -> str | None:
-    if isinstance(plugin, FromScratchTrainingPlugin):
-        return (
-            "FromScratchTrainingPlugin resets the weights before every experience only where "
-            "their shape did not change, so grown parameters would keep their trained values"
-        )
-    return None
-
-
-_REFUSALS: tuple[Callable[[Any, Any], str | None], ...] = (_gdumb, _from_scratch, _lfl)
-
-
-def refuse_incompatible(strategy: Any) -> None:
-    """Raise ``GrowthError`` before training when ``strategy`` or one of its plugins cannot work
-    with a growing model (instead of a failure deep inside Avalanche, or growth silently lost):
-
-    - ``ICaRL`` builds ``strategy.model`` itself (a ``TrainEvalModel`` of the feature extractor,
-      the classifier and a nearest-class-mean classifier): there is no ``GrowableNetwork`` to grow;
-    - ``GDumbPlugin`` resets the model to its initial copy before every experience;
-    - ``FromScratchTrainingPlugin`` resets the weights only where their shape did not change;
-    - ``LFLPlugin`` needs an ``avalanche.models.BaseModel`` (``get_features``).
-    """
-    if isinstance(strategy, ICaRL):
-        raise GrowthError(
-            "GrowthPlugin cannot grow ICaRL: the strategy builds its own model (a TrainEvalModel "
-            "of feature_extractor and classifier, with a nearest-class-mean classifier for "
-            "evaluation), not a growth.GrowableNetwork"
-        )
-    problems = [msg for p in strategy.plugins for check in _REFUSALS if (msg := check(p, strategy))]
-    if problems:
-        raise GrowthError("GrowthPlugin cannot grow this strategy's model: " + "; ".join(problems))
 
 
 def penalty(

@@ -2,8 +2,8 @@
 a widening; GEM/AGEM's reference gradients follow growth inside an iteration.
 
 Penalties are computed by the plugins themselves (``before_backward`` on a stand-in strategy,
-``strategies.compat.penalty``). Weights are perturbed away from the anchors first so that every
-parameter contributes.
+``strategies.plugin_state.penalty``). Weights are perturbed away from the anchors first so that
+every parameter contributes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 from net2grow.growth import GrowableNetwork
 from net2grow.strategies import GrowthPlugin
-from net2grow.strategies.compat import (
+from net2grow.strategies.plugin_state import (
     _RWALK_REMAPS,
     OutOfSyncError,
     penalty,
@@ -36,7 +36,7 @@ from net2grow.strategies.compat import (
     remap_importance,
     remap_value,
 )
-from net2grow.strategies.policies import OnPlateau, Policy, Widen
+from net2grow.strategies.policies import GrowthPolicy, OnPlateau, Widen
 
 HIDDEN = 16
 
@@ -50,7 +50,7 @@ def trained(regulariser, stream, n: int = 2, policy=None):
     """A network trained on ``n`` experiences by Naive + ``regulariser`` + a GrowthPlugin."""
     net = mlp_net(HIDDEN)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    plugin = GrowthPlugin(policy or Policy(), generator=0)
+    plugin = GrowthPlugin(policy or GrowthPolicy(), generator=0)
     strategy = Naive(
         model=net,
         optimizer=opt,
@@ -324,7 +324,7 @@ class _PenaltyWitness(SupervisedPlugin):
 
 
 # --- plugins placed before the GrowthPlugin, growth inside an experience -------------------------
-class _GrowOnce(Policy):
+class _GrowOnce(GrowthPolicy):
     """Widen both hidden layers x1.5 once, after the 3rd iteration of experience 1."""
 
     def __init__(self) -> None:
