@@ -162,3 +162,24 @@ def remove_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) 
         group["params"] = [q for q in group["params"] if id(q) not in ids]
     for p in params:
         optimizer.state.pop(p, None)
+
+
+def param_names(
+    model: nn.Module, optimizer: torch.optim.Optimizer, hint: str = ""
+) -> list[list[str]]:
+    """``model``'s names of the parameters of each of ``optimizer``'s param groups, in order.
+
+    Raises ``GrowthError`` naming the group that holds a parameter ``model`` does not have
+    (``hint`` is appended to the message).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
+        if missing:
+            raise GrowthError(
+                f"cannot save the optimizer: its param group {i} holds parameters of shapes "
+                f"{missing} that are not part of the model{hint}"
+            )
+        groups.append([names[id(p)] for p in group["params"]])
+    return groups

@@ -395,7 +395,7 @@ def test_resumed_training_follows_the_uninterrupted_trajectory(tmp_path: pathlib
 def test_optimizer_state_errors(tmp_path: pathlib.Path) -> None:
     net = GrowableNetwork(CkptMLP(), torch.randn(4, 8))
     foreign = torch.optim.SGD([*net.parameters(), nn.Parameter(torch.zeros(3))], lr=0.1)
-    with pytest.raises(GrowthError, match="not part of the network"):
+    with pytest.raises(GrowthError, match="not part of the model"):
         save(net, tmp_path / "x.n2g", optimizer=foreign)
     assert not (tmp_path / "x.n2g").exists()
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import GrowthError
 from ..network import _PROBE_PREFIX, GrowableNetwork
+from ..optim import param_names
 from ..rules import module_spec_for
 from .allowlist import (
     CONTAINERS,
@@ -224,16 +225,7 @@ def _probe_of(net: GrowableNetwork) -> list[Tensor]:
 def _optimizer_payload(net: GrowableNetwork, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise GrowthError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    names = {id(p): n for n, p in net.named_parameters()}
-    groups = []
-    for i, group in enumerate(optimizer.param_groups):
-        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
-        if missing:
-            raise GrowthError(
-                f"cannot save the optimizer: its param group {i} holds parameters of shapes "
-                f"{missing} that are not part of the network"
-            )
-        groups.append([names[id(p)] for p in group["params"]])
+    groups = param_names(net, optimizer)
     state = optimizer.state_dict()
     check_plain(state, "optimizer.state_dict()")
     return {"class": type(optimizer).__name__, "state_dict": state, "param_names": groups}

@@ -9,25 +9,10 @@ import torch
 from torch import nn
 
 from ...growth import GrowthError
+from ...growth.optim import param_names
 from .errors import ResumeMismatchError
 
 __all__ = ["checked_param_groups", "load_optimizer", "optimizer_state"]
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    """The model's names of each param group's parameters."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = []
-    for i, group in enumerate(optimizer.param_groups):
-        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
-        if missing:
-            raise GrowthError(
-                f"cannot save the optimizer: its param group {i} holds parameters of shapes "
-                f"{missing} that are not the model's (stale parameters: build the optimizer "
-                f"with make_optimizer(remove_params=True))"
-            )
-        groups.append([names[id(p)] for p in group["params"]])
-    return groups
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -36,7 +21,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {
         "class": type(optimizer).__name__,
         "state_dict": optimizer.state_dict(),
-        "param_names": _param_names(model, optimizer),
+        "param_names": param_names(
+            model,
+            optimizer,
+            " (stale parameters: build the optimizer with make_optimizer(remove_params=True))",
+        ),
     }
 
 
