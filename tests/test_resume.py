@@ -380,7 +380,11 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _wait(pid: int, timeout: float = 120.0) -> int:
+#: Hang guard for a child run (each takes seconds); generous so slow machines do not trip it.
+_HANG_GUARD_S = 600.0
+
+
+def _wait(pid: int, timeout: float = _HANG_GUARD_S) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -397,7 +401,7 @@ def _run_until_killed(argv: list[str], path: Path, log: Path, saves: int, delay:
     ``saves`` times. True when it was killed, False when it finished first."""
     pid = _fork_main(argv, log)
     seen, last = 0, _signature(path)
-    deadline = time.monotonic() + 120.0
+    deadline = time.monotonic() + _HANG_GUARD_S
     while seen < saves:
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
