@@ -1,13 +1,16 @@
 """``python -m net2grow.benchmarks continual``: growing models against Avalanche's baselines.
 
-Every method trains the same MLP family with the same optimizer, epochs and minibatch size on
-the same stream. Fixed models are either *small* (the growing models' starting size) or *large*
-(their final-size budget); the growing variants start small and, before each experience but the
-first, widen every hidden layer to the next width of a geometric schedule from ``--small`` to
-``--large`` whose last step is exactly ``--large`` (:func:`width_schedule`), so that they end at
-the large model's size. Reported per method: final average accuracy, average forgetting, final
-hidden widths and parameter count, training compute (FLOPs counted by
-``torch.utils.flop_counter`` over every ``strategy.train()`` call, see
+Every method trains the same model family (``--model``: an MLP or a small CNN,
+:mod:`benchmarks.models`) with the same optimizer, epochs and minibatch size on the same stream.
+Fixed models are either *small* (the growing models' starting size) or *large* (their
+final-size budget); the growing variants start small and, before each experience but the first,
+widen every hidden layer to the next width of a geometric schedule from ``--small`` to
+``--large`` whose last step is exactly ``--large`` (:func:`schedule.width_schedule`), so that
+they end at the large model's size. The methods, growth variants (:mod:`benchmarks.variants`)
+and expansion methods (:mod:`benchmarks.expansion`) are built in :mod:`benchmarks.methods`.
+Reported per method: final average accuracy, average forgetting, final hidden widths and
+parameter count, memory (parameters plus replay buffer, MEMO-style), training compute (FLOPs
+counted by ``torch.utils.flop_counter`` over every ``strategy.train()`` call, see
 :func:`strategies.metrics.training_flops_metric`) and wall time, over several seeds.
 
 Written: ``<out-dir>/continual-<stream>-<scenario>.json`` and ``.md`` (the table), ``.png``
@@ -20,16 +23,13 @@ same tags for every method (:data:`TB_TAGS`) and the run's settings as TensorBoa
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
-import random
 import shlex
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +39,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..growth import GrowableNetwork, GrowthError
+from ..growth import GrowthError
+from .methods import (
+    FIXED,
+    GROWING,
+    GROWING_BASES,
+    Setting,
+    all_methods,
+    expansion_names,
+    hidden_setting,
+    is_growing,
+    make_strategy,
+    variant_names,
+)
+from .models import FAMILIES, count_params, hidden_widths, memory_bytes, replay_samples
 
 COLUMNS = [
-    "method", "hidden", "widths", "final_acc", "forgetting", "params", "gflops", "seconds",
+    "method", "hidden", "widths", "final_acc", "forgetting", "params", "memory_kb", "gflops",
+    "seconds",
 ]  # fmt: skip
-METHODS = (
-    "naive-small",
-    "naive-large",
-    "ewc",
-    "lwf",
-    "replay",
-    "joint",
-    "pnn",
-    "grow-naive",
-    "grow-replay",
-    "grow-ewc",
-)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Hyperparameters shared by every method of one run."""
-
-    stream: str
-    scenario: str
-    small: int
-    large: int
-    epochs: int
-    mb_size: int
-    lr: float
-    mem_size: int
-    ewc_lambda: float
-    device: str
-
-
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "pnn")
+DEFAULT_METHODS = tuple(m for m in (*FIXED, *GROWING) if m != "pnn")
 
 #: TensorBoard tags every run of every method has (scalars, plotted against the step named).
 TB_TAGS = {
@@ -117,8 +101,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated methods, from {', '.join(METHODS)} (default: all but pnn, "
+        help=f"comma-separated methods: {', '.join(FIXED)}; grow-<base> and "
+        f"grow-<base>-<variant> for base in {', '.join(GROWING_BASES)} and variant in "
+        f"{', '.join(variant_names())}; expansion: {', '.join(expansion_names())} "
+        f"(default: all fixed and grow-<base> methods but pnn, "
         f"which needs --scenario task: %(default)s)",
+    )
+    g.add_argument(
+        "--model",
+        default="mlp",
+        choices=list(FAMILIES),
+        help="model family: mlp (two hidden ReLU layers) or cnn (two 3x3 conv layers, max-pool, "
+        "global average pool); --small/--large are its hidden units or channels "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--small",
@@ -175,177 +170,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def mlp(in_features: int, hidden: int, n_out: int) -> nn.Sequential:
-    """The model family of the comparison: flatten, two hidden ReLU layers, linear head."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, n_out),
-    )
-
-
-class MultiHeadMLP(nn.Module):
-    """The same MLP trunk with one head per task (task-incremental streams)."""
-
-    def __init__(self, in_features: int, hidden: int) -> None:
-        from avalanche.models import MultiHeadClassifier
-
-        super().__init__()
-        self.features = mlp(in_features, hidden, hidden)[:-1]
-        self.classifier = MultiHeadClassifier(hidden, initial_out_features=2)
-
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x), task_labels)
-
-
-def make_model(in_features: int, hidden: int, n_out: int, *, task_aware: bool) -> nn.Module:
-    if task_aware:
-        from .. import strategies  # noqa: F401  (registers the Avalanche head rules before tracing)
-
-        return MultiHeadMLP(in_features, hidden)
-    return mlp(in_features, hidden, n_out)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def width_schedule(small: int, large: int, growths: int) -> list[int]:
-    """Hidden widths of the grow-* variants: ``widths[k]`` before experience ``k``.
-
-    A geometric schedule from ``small`` to ``large`` in ``growths`` steps, rounded, never
-    shrinking, whose last width is exactly ``large`` (16 -> 64 in 4 steps: 16, 23, 32, 45, 64).
-    No growth (``growths == 0``, a one-experience stream): ``[small]``.
-    """
-    if small < 1 or large < small:
-        raise ValueError(f"need 1 <= small <= large, got small={small}, large={large}")
-    if growths < 1:
-        return [small]
-    widths = [small]
-    for k in range(1, growths + 1):
-        w = large if k == growths else round(small * (large / small) ** (k / growths))
-        widths.append(max(widths[-1], min(int(w), large)))
-    return widths
-
-
-class WidthSchedule:
-    """Growth policy of the grow-* variants: before experience ``k`` (k >= 1), widen every
-    hidden layer narrower than ``widths[k]`` to exactly ``widths[k]`` (the last width for
-    later experiences). Stateless: decisions read the strategy's clock and the network."""
-
-    def __init__(self, widths: list[int]) -> None:
-        self.widths = [int(w) for w in widths]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[Any]:
-        from ..strategies.policies import Widen
-
-        k = int(strategy.clock.train_exp_counter)
-        if k == 0:
-            return []
-        target = self.widths[min(k, len(self.widths) - 1)]
-        return [Widen(n, width=target) for n in net.layers if net.width(n) < target]
-
-    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> list[Any]:
-        return []
-
-
-def hidden_widths(model: nn.Module) -> list[int]:
-    """Widths of the hidden layers of a model of this benchmark (PNN: summed over columns)."""
-    from avalanche.models import PNN
-
-    if isinstance(model, GrowableNetwork):
-        return [int(model.width(name)) for name in model.layers]
-    if isinstance(model, PNN):
-        return [sum(int(c.itoh.out_features) for c in layer.columns) for layer in model.layers]
-    trunk = model.features if isinstance(model, MultiHeadMLP) else model[:-1]
-    return [int(m.out_features) for m in trunk.modules() if isinstance(m, nn.Linear)]
-
-
-@functools.cache
-def _metric_classes() -> tuple[type, type]:
-    """The benchmark's own Avalanche metrics, ``(TrainingLoss, HiddenWidths)``: defined on
-    first use, as this module imports Avalanche only when a run starts (``--help`` stays fast).
-    """
-    from avalanche.evaluation import PluginMetric
-    from avalanche.evaluation.metric_results import MetricValue
-
-    class TrainingLoss(PluginMetric[float]):
-        """``Loss/train`` after every training iteration (``strategy.loss``: the minibatch
-        loss, penalties included) and ``Loss/train_epoch``, the epoch's mean, at its end."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.total = 0.0
-            self.count = 0
-
-        def result(self) -> float | None:
-            return self.total / self.count if self.count else None
-
-        def reset(self) -> None:
-            self.total, self.count = 0.0, 0
-
-        def before_training_epoch(self, strategy: Any) -> None:
-            self.reset()
-
-        def after_training_iteration(self, strategy: Any) -> Any:
-            super().after_training_iteration(strategy)
-            loss = float(strategy.loss.detach())
-            self.total += loss
-            self.count += 1
-            return [MetricValue(self, "Loss/train", loss, int(strategy.clock.train_iterations))]
-
-        def after_training_epoch(self, strategy: Any) -> Any:
-            if not self.count:
-                return None
-            x = int(strategy.clock.train_iterations)
-            return [MetricValue(self, "Loss/train_epoch", self.total / self.count, x)]
-
-        def __str__(self) -> str:
-            return "TrainingLoss"
-
-    class HiddenWidths(PluginMetric[list]):
-        """``Model/width/hidden<i>`` at the start and end of every training experience."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.widths: list[int] = []
-
-        def result(self) -> list[int]:
-            return list(self.widths)
-
-        def reset(self) -> None:
-            self.widths = []
-
-        def _emit(self, strategy: Any) -> Any:
-            self.widths = hidden_widths(strategy.model)
-            x = int(strategy.clock.train_iterations)
-            return [
-                MetricValue(self, f"Model/width/hidden{i + 1}", w, x)
-                for i, w in enumerate(self.widths)
-            ]
-
-        def before_training_exp(self, strategy: Any) -> Any:
-            return self._emit(strategy)
-
-        def after_training_exp(self, strategy: Any) -> Any:
-            return self._emit(strategy)
-
-        def __str__(self) -> str:
-            return "HiddenWidths"
-
-    TrainingLoss.__qualname__ = "TrainingLoss"  # resume files name metrics by class
-    HiddenWidths.__qualname__ = "HiddenWidths"
-    return TrainingLoss, HiddenWidths
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: Any, device: str, mb_size: int = 512) -> list[float]:
@@ -377,100 +201,6 @@ def forgetting(matrix: list[list[float]]) -> float:
     final = matrix[-1]
     drops = [max(row[j] for row in matrix[:-1]) - final[j] for j in range(len(final) - 1)]
     return sum(drops) / len(drops) if drops else 0.0
-
-
-GROWING = ("grow-naive", "grow-replay", "grow-ewc")
-
-
-def _make_strategy(method: str, s: Setting, meta: Any, seed: int, tb_dir: str | None):
-    """Build ``(strategy, model)`` for ``method``.
-
-    Every method gets the same evaluator metrics (parameter count, training FLOPs, training
-    loss, hidden widths; the growth metrics for grow-*), logged to a ``TensorboardLogger`` in
-    ``tb_dir`` when given.
-    """
-    from avalanche.training.plugins import EvaluationPlugin
-    from avalanche.training.supervised import EWC, JointTraining, LwF, Naive, PNNStrategy, Replay
-
-    from .. import strategies  # noqa: F401  (its first import draws from torch's RNG: before seeding)
-    from ..strategies.metrics import (
-        growth_metrics,
-        parameter_count_metric,
-        training_flops_metric,
-    )
-
-    torch.manual_seed(seed)  # every RNG, so that a run does not depend on the ones before it
-    random.seed(seed)
-    np.random.seed(seed)
-    in_features = math.prod(meta.input_shape)
-    n_out = meta.n_classes
-    hidden = s.small if method in ("naive-small", *GROWING) else s.large
-    training_loss, widths = _metric_classes()
-    metrics: list[Any] = [
-        parameter_count_metric(),
-        training_flops_metric(),
-        training_loss(),
-        widths(),
-    ]
-    if method in GROWING:
-        metrics.extend(growth_metrics())
-    loggers = []
-    if tb_dir is not None:
-        from avalanche.logging import TensorboardLogger
-
-        loggers.append(TensorboardLogger(tb_log_dir=tb_dir))
-    common = dict(
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=s.mb_size,
-        train_epochs=s.epochs,
-        eval_mb_size=512,
-        device=s.device,
-        evaluator=EvaluationPlugin(*metrics, loggers=loggers),
-    )
-    if method == "pnn":
-        from avalanche.models import PNN
-
-        model = PNN(num_layers=2, in_features=in_features, hidden_features_per_column=s.small)
-        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-        return PNNStrategy(model=model, optimizer=opt, **common), model
-    task_aware = s.scenario == "task"
-    model = make_model(in_features, hidden, n_out, task_aware=task_aware)
-    if task_aware:  # Avalanche passes task labels only to a MultiTaskModule
-        from ..strategies import MultiTaskGrowableNetwork
-
-        example = (torch.zeros(2, *meta.input_shape), torch.zeros(2, dtype=torch.long))
-        model = MultiTaskGrowableNetwork(model, example)
-    plugins = []
-    if method in GROWING:
-        from ..strategies import GrowthPlugin
-
-        if not task_aware:
-            model = GrowableNetwork(model, torch.zeros(2, *meta.input_shape))
-        schedule = width_schedule(s.small, s.large, meta.n_experiences - 1)
-        # final-size budget: the large model (task heads are added as tasks arrive: no cap);
-        # the schedule ends exactly there, the budget only guards it
-        budget = None if task_aware else count_params(mlp(in_features, s.large, n_out))
-        plugins.append(GrowthPlugin(WidthSchedule(schedule), max_params=budget))
-    model = model.to(s.device)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    base = method.removeprefix("grow-")
-    if base in ("naive", "naive-small", "naive-large"):
-        return Naive(model=model, optimizer=opt, plugins=plugins, **common), model
-    if base == "ewc":
-        return EWC(
-            model=model, optimizer=opt, ewc_lambda=s.ewc_lambda, plugins=plugins, **common
-        ), model
-    if base == "lwf":
-        return LwF(
-            model=model, optimizer=opt, alpha=1.0, temperature=2.0, plugins=plugins, **common
-        ), model
-    if base == "replay":
-        return Replay(
-            model=model, optimizer=opt, mem_size=s.mem_size, plugins=plugins, **common
-        ), model
-    if base == "joint":
-        return JointTraining(model=model, optimizer=opt, plugins=plugins, **common), model
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 class RunFile:
@@ -581,7 +311,7 @@ def _log_run(
     settings = {
         "command": "continual",
         "method": method,
-        "growing": method in GROWING,
+        "growing": is_growing(method),
         "seed": int(result["seed"]),
         **dict(s.__dict__),
         "final_widths": "/".join(str(w) for w in result["widths"]),
@@ -654,7 +384,7 @@ def run_method(
     resuming = current is not None and current["seed"] == seed and current["method"] == method
     if tb_dir is not None and not resuming:
         _clear_events(tb_dir)
-    strategy, _ = _make_strategy(method, s, meta, seed, tb_dir)
+    strategy, _ = make_strategy(method, s, meta, seed, tb_dir)
     writer = _tensorboard(strategy)
     flops_metric = _flops_metric(strategy)
     matrix: list[list[float]] = []
@@ -695,6 +425,7 @@ def run_method(
         "final_acc": sum(matrix[-1]) / len(matrix[-1]),
         "forgetting": forgetting(matrix),
         "params": count_params(strategy.model),
+        "memory_bytes": memory_bytes(strategy.model, replay_samples(strategy), meta.input_shape),
         "widths": hidden_widths(strategy.model),
         "flops": int(flops),
         "seconds": seconds,
@@ -730,9 +461,9 @@ def _resume_config(
     (not the output folders)."""
     return {
         "command": "continual",
-        # 2: grow-* follow width_schedule() (exact final widths), every method's evaluator
-        # holds the TensorBoard metrics; files of version 1 hold other results
-        "version": 2,
+        # 3: the setting names the model family; 2: grow-* follow width_schedule() (exact
+        # final widths), every method's evaluator holds the TensorBoard metrics
+        "version": 3,
         "setting": dict(setting.__dict__),
         "seeds": list(seeds),
         "methods": list(methods),
@@ -768,13 +499,6 @@ def tensorboard_command(runs_dir: str) -> str:
     return f"{shlex.quote(exe)} --logdir {logdir}"
 
 
-def _hidden_setting(method: str, s: Setting) -> str:
-    if method in GROWING:
-        return f"{s.small}->{s.large}"
-    if method == "pnn":
-        return f"{s.small}/column"
-    return str(s.small if method == "naive-small" else s.large)
-
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every requested method over the seeds; print, write and plot the comparison."""
@@ -792,9 +516,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warnings.showwarning = _without_avalanche_deprecations(warnings.showwarning)
     seeds = list(range(args.seeds)) if isinstance(args.seeds, int) else list(args.seeds)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    known = all_methods()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(known)}")
     if not 1 <= args.small <= args.large:
         raise SystemExit(f"need 1 <= --small <= --large, got {args.small} and {args.large}")
     if "pnn" in methods and args.scenario != "task":
@@ -803,6 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setting = Setting(
         stream=args.stream,
         scenario=args.scenario,
+        model=args.model,
         small=args.small,
         large=args.large,
         epochs=args.epochs,
@@ -849,18 +575,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(
             {
                 "method": method,
-                "hidden": _hidden_setting(method, setting),
+                "hidden": hidden_setting(method, setting),
                 "widths": " | ".join(widths),
                 "final_acc": fmt_mean_std([r["final_acc"] for r in rs]),
                 "forgetting": fmt_mean_std([r["forgetting"] for r in rs]),
                 "params": f"{int(mean_std([r['params'] for r in rs])[0]):,}",
+                "memory_kb": memory_kb(rs),
                 "gflops": fmt_mean_std([r["flops"] / 1e9 for r in rs], digits=2),
                 "seconds": fmt_mean_std([r["seconds"] for r in rs], digits=1),
             }
         )
     print(f"\ncontinual: {args.stream} ({args.scenario}-incremental), seeds {seeds}")
     print(format_table(rows, COLUMNS))
-    print("hidden: the setting; widths: the hidden layers' final widths (PNN: all columns)")
+    print("hidden: the setting; widths: the hidden layers' final widths (PNN: all columns); "
+          "memory_kb: parameters (4 B each) + replay buffer (1 B per pixel)")
     name = f"continual-{args.stream}-{args.scenario}"
     payload = {"setting": setting.__dict__, "seeds": seeds, "runs": results}
     paths = write_results(name, payload, rows, COLUMNS, out_dir=args.out_dir)
@@ -875,8 +603,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "runs": results, "paths": {k: str(v) for k, v in paths.items()}}
 
 
+def memory_kb(runs: list[dict[str, Any]]) -> str:
+    """The memory column: mean kB of parameters (float32) plus replay buffer (uint8 images),
+    MEMO-style; joint training keeps the whole stream, so it has no comparable figure."""
+    if any(r["method"] == "joint" for r in runs):
+        return "all data"
+    return f"{sum(r['memory_bytes'] for r in runs) / len(runs) / 1000:,.0f}"
+
+
 def _style(method: str) -> dict[str, Any]:
-    return {"marker": "^" if method in GROWING else "o"}
+    return {"marker": "^" if is_growing(method) else "o"}
 
 
 def _plot(results: list[dict[str, Any]], methods: list[str], args: Any = None) -> Any:
@@ -952,7 +688,7 @@ def _plot_curves(results: list[dict[str, Any]], methods: list[str], args: Any = 
                 ax.errorbar(xs, mean, yerr=std, color=color, label=method, capsize=3,
                             markersize=5, linestyle="none", **_style(method))  # fmt: skip
                 continue
-            style = "--" if method in GROWING else "-"
+            style = "--" if is_growing(method) else "-"
             ax.plot(xs, mean, style, color=color, label=method, **_style(method), markersize=4)
             if len(rs) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.12)

@@ -20,8 +20,8 @@ from net2grow.benchmarks.continual import (
     forgetting,
     forgetting_after,
     tensorboard_command,
-    width_schedule,
 )
+from net2grow.benchmarks.schedule import width_schedule
 
 METHODS = "naive-small,naive-large,joint,grow-naive,grow-replay"
 REPO = Path(__file__).resolve().parents[1]
@@ -261,8 +261,9 @@ def test_help_gives_every_default_and_the_files_written(capsys) -> None:
         "exact final width (default: 64)",
         "--data-root DATA_ROOT folder with Fashion-MNIST's IDX files",
         "default: none, read Debian's /usr/share/datasets/fashion-mnist",
-        "(default: all but pnn, which needs --scenario task: naive-small,naive-large,ewc,lwf,"
-        "replay,joint,grow-naive,grow-replay,grow-ewc)",
+        "(default: all fixed and grow-<base> methods but pnn, which needs --scenario task: "
+        "naive-small,naive-large,ewc,lwf,replay,joint,grow-naive,grow-replay,grow-ewc)",
+        "--model {mlp,cnn} model family",
         "results/continual-<stream>-<scenario>-curves.png",
         "runs/continual/<stream>-<scenario>/<method>-s<seed>/",
     ):
@@ -279,3 +280,37 @@ def test_help_gives_every_default_and_the_files_written(capsys) -> None:
         ".venv/bin/tensorboard --logdir runs",
     ):
         assert expected in text, expected
+
+
+def test_cnn_family_grows_to_the_large_width_and_counts_memory(tmp_path: Path) -> None:
+    from net2grow.benchmarks import continual
+
+    args = parse_args(
+        ["continual", "--quick", "--device", "cpu", "--model", "cnn", "--methods",
+         "replay,grow-replay", "--small", "4", "--large", "8", "--out-dir",
+         str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = continual.run(args)
+    fixed, grown = (_runs(result, m)[0] for m in ("replay", "grow-replay"))
+    assert fixed["widths"] == grown["widths"] == [8, 8]  # two conv layers, exactly --large
+    assert grown["params"] == fixed["params"]
+    # MEMO-style memory: 4 bytes per parameter + the replay buffer's 64-pixel digits images
+    buffer = (fixed["memory_bytes"] - 4 * fixed["params"]) // 64
+    assert 0 < buffer <= 200 and (fixed["memory_bytes"] - 4 * fixed["params"]) % 64 == 0
+    assert grown["flops"] < fixed["flops"]  # trained narrower for most of the stream
+
+
+def test_cnn_family_unflattens_flat_square_inputs() -> None:
+    import torch
+
+    from net2grow.benchmarks.models import cnn, image_shape
+
+    assert image_shape((64,)) == (1, 8, 8) and image_shape((1, 28, 28)) == (1, 28, 28)
+    with pytest.raises(ValueError, match="flat square"):
+        image_shape((63,))
+    x = torch.rand(3, 64)
+    model = cnn((64,), 5, 10)
+    assert model(x).shape == (3, 10)
+    reference = model[1:](x.view(3, 1, 8, 8))  # the same net on the image form
+    torch.testing.assert_close(model(x), reference)
