@@ -111,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="mlp",
         choices=list(FAMILIES),
-        help="model family: mlp (two hidden ReLU layers) or cnn (two 3x3 conv layers, max-pool, "
-        "global average pool); --small/--large are its hidden units or channels "
+        help="model family: mlp (two hidden ReLU layers) or cnn (two 3x3 conv layers, the first "
+        "strided, max-pool, global average pool); --small/--large are its hidden units or channels "
         "(default: %(default)s)",
     )
     g.add_argument(
