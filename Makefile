@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 .PHONY: demo tb test venv lint clean
 
 $(STAMP): pyproject.toml
-	@echo ">> setting up $(VENV) (torch, avalanche-lib, dev tools; a few minutes on a fresh machine)"
+	@echo ">> setting up $(VENV) (torch, avalanche-lib, dev tools, transformers, timm; a few minutes on a fresh machine)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
-	@$(PY) -m pip install -q -e ".[dev]" >> $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install -q -e ".[dev,hf]" >> $(VENV)/install.log 2>&1 || (tail -n 40 $(VENV)/install.log; exit 1)
 	@touch $(STAMP)
 	@echo ">> $(VENV) ready"
 

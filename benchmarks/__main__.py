@@ -23,6 +23,8 @@ COMMANDS = {
     "continual": "continual-learning comparison of growing and fixed networks on a stream",
     "net2net": "the Net2Net reproduction: grown networks vs. networks trained from scratch",
     "speed": "growth speed: widen/deepen/trace time against the parameter-copy floor",
+    "transformer": "a byte-level GPT grown mid-training vs. the large one from scratch (FLOPs)",
+    "zoo": "widen/deepen sampled layers of torchvision, timm and Hugging Face models: exact?",
 }
 
 
@@ -43,6 +45,14 @@ WRITES = {
     "speed": [
         "results/speed.json, .md, .png               timings, table, bar chart",
         "runs/speed/<date-time>/                      TensorBoard",
+    ],
+    "transformer": [
+        "results/transformer.json, .md, .png         curves per seed, table, loss vs. FLOPs",
+        "runs/transformer/<large|grown>/seed<seed>/   TensorBoard",
+    ],
+    "zoo": [
+        "results/zoo.json, .md, .png                 every trial, table, outcome bars",
+        "runs/zoo/                                    TensorBoard (summary text, fractions)",
     ],
 }
 

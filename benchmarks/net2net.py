@@ -1,8 +1,9 @@
 """The Net2Net experiment (Chen, Goodfellow & Shlens, ICLR 2016) at CPU scale.
 
-``python -m net2grow.benchmarks net2net`` trains a narrow CNN (the teacher) on a subset of
-Fashion-MNIST for a fixed number of steps, then continues for the same number of steps, with the
-same optimizer type and learning rate, as each of these variants:
+``python -m net2grow.benchmarks net2net`` trains a narrow CNN (the teacher) on Fashion-MNIST
+for a fixed number of steps at a constant learning rate, then continues for a fixed number of
+steps, with the same optimizer and the same learning-rate schedule (by default cosine from the
+teacher's rate to zero), as each of these variants:
 
 ===========================  ===============================================================
 ``net2wider``                Net2WiderNet student, every hidden layer x2, ``split="random"``
@@ -22,6 +23,10 @@ passed ``optimizer=`` so the momentum buffers carry over (new deepen parameters 
 none). Networks trained from scratch get a fresh optimizer. Every run that starts from the
 teacher sees the same sequence of minibatches. Test accuracy is measured every
 ``--eval-every`` steps; step 0 is the network as it stands before the first update.
+
+The question is whether a wider student beats simply training the teacher on. Each variant's
+final accuracy is therefore also given as a paired difference to ``teacher-continued`` (same
+seed, same teacher, same minibatches), with whether that gap exceeds the spread over seeds.
 """
 
 from __future__ import annotations
@@ -61,14 +66,20 @@ WIDEN_LAYERS = ("features.0", "features.3", "classifier.1")
 #: Layers after which the Net2DeeperNet student gets an identity layer.
 DEEPEN_LAYERS = ("features.3", "classifier.1")
 
+#: The teacher's widths (conv1, conv2, hidden): narrow enough that it is capacity-limited
+#: within the CPU budget (the setting in which a wider student can pay).
+TEACHER_WIDTH = (4, 8, 32)
+#: Learning-rate schedules of the runs after the teacher (see :func:`lr_factor`).
+SCHEDULES = ("cosine", "constant")
+
 #: Defaults of the full run and of ``--quick`` (a test-sized run).
 FULL = {
     "seeds": 5,
-    "steps": 400,
-    "teacher_steps": 400,
-    "eval_every": 40,
-    "train_size": 12_000,
-    "test_size": 2_000,
+    "steps": 1_500,
+    "teacher_steps": 2_000,
+    "eval_every": 500,
+    "train_size": 60_000,
+    "test_size": 10_000,
 }
 QUICK = {
     "seeds": 1,
@@ -88,6 +99,8 @@ COLUMNS = [
     "steps to control final",
     "adv. vs scratch (1st half)",
     "final acc",
+    "final - control (paired)",
+    "gap > spread",
     "wall s (no eval)",
 ]
 
@@ -98,6 +111,10 @@ steps to teacher acc / control final: first evaluated step whose accuracy reache
   final accuracy / the final accuracy of teacher-continued (same seed); "never" within the budget.
 adv. vs scratch (1st half): mean accuracy difference to the from-scratch run of the same
   architecture over the evaluations in the first half of the budget (step 0 included).
+final - control (paired): final accuracy minus that of teacher-continued of the same seed,
+  mean ± sample std over seeds, and in how many seeds it is above.
+gap > spread: "yes" when that mean gap is positive and larger than each spread: the std of the
+  paired differences and the std over seeds of each run's final accuracy ("-": one seed).
 wall s (no eval): growth + training seconds, evaluation excluded. Values: mean ± sample std."""
 
 
@@ -114,7 +131,7 @@ class SmallCNN(nn.Module):
         Number of outputs.
     """
 
-    def __init__(self, c1: int = 8, c2: int = 16, hidden: int = 64, classes: int = 10) -> None:
+    def __init__(self, c1: int = 4, c2: int = 8, hidden: int = 32, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1),
@@ -305,8 +322,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"test images used (default {full['test_size']}, quick {quick['test_size']})",
     )
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=0.05,
+        help="SGD learning rate of the teacher (constant) and the start of --schedule",
+    )
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="learning rate of every run after the teacher: cosine from --lr to 0 over --steps "
+        "(default), or constant",
+    )
+    g.add_argument(
+        "--teacher-width",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("C1", "C2", "HIDDEN"),
+        help=f"the teacher's conv1, conv2 and hidden widths (default "
+        f"{' '.join(map(str, TEACHER_WIDTH))})",
+    )
     g.add_argument("--widen-factor", type=float, default=2.0)
     g.add_argument(
         "--noise",
@@ -332,6 +370,8 @@ class Config:
     batch_size: int
     lr: float
     momentum: float
+    schedule: str
+    teacher_width: tuple[int, int, int]
     widen_factor: float
     noise: float
     threads: int
@@ -342,7 +382,8 @@ class Config:
     quick: bool
 
 
-def _config(args: argparse.Namespace) -> Config:
+def make_config(args: argparse.Namespace) -> Config:
+    """The run's settings from parsed arguments (``--quick`` picks the small defaults)."""
     quick = bool(getattr(args, "quick", False))
     base = QUICK if quick else FULL
 
@@ -356,6 +397,7 @@ def _config(args: argparse.Namespace) -> Config:
     elif isinstance(seeds, int):
         seeds = [seeds]
     seeds = [int(s) for s in seeds]
+    teacher_width = getattr(args, "teacher_width", None) or TEACHER_WIDTH
     cfg = Config(
         seeds=seeds,
         steps=int(pick("steps")),
@@ -366,6 +408,8 @@ def _config(args: argparse.Namespace) -> Config:
         batch_size=int(getattr(args, "batch_size", 64)),
         lr=float(getattr(args, "lr", 0.05)),
         momentum=float(getattr(args, "momentum", 0.9)),
+        schedule=str(getattr(args, "schedule", None) or "cosine"),
+        teacher_width=tuple(int(w) for w in teacher_width),  # type: ignore[arg-type]
         widen_factor=float(getattr(args, "widen_factor", 2.0)),
         noise=float(getattr(args, "noise", 0.01)),
         threads=int(getattr(args, "threads", 1)),
@@ -390,6 +434,10 @@ def _config(args: argparse.Namespace) -> Config:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.widen_factor <= 1:
         raise ValueError("--widen-factor must be > 1")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if len(cfg.teacher_width) != 3 or min(cfg.teacher_width) < 1:
+        raise ValueError(f"--teacher-width: need three widths >= 1, got {cfg.teacher_width}")
     return cfg
 
 
@@ -438,6 +486,19 @@ def _optimizer(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rate at SGD step ``step`` (1-based) of ``steps``.
+
+    ``"constant"``: 1. ``"cosine"``: ``(1 + cos(pi * (step - 1) / steps)) / 2``, from 1 at the
+    first step down towards 0 at the last (every step still moves the weights).
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
 def _batches(n: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Tensor]:
     """Endless minibatch indices: a fresh permutation of ``range(n)`` each epoch."""
     g = torch.Generator().manual_seed(seed)
@@ -483,6 +544,7 @@ def train(
     *,
     steps: int,
     order_seed: int,
+    schedule: str = "constant",
     writer: Any = None,
     progress: Any = None,
 ) -> Curve:
@@ -491,6 +553,8 @@ def train(
     Step 0 is evaluated before the first update; the last step is always evaluated. The
     first step runs under ``torch.utils.flop_counter.FlopCounterMode``: every step has the
     same shapes, so step ``k`` has cost ``k`` times as much (``model/training_flops``).
+    Step ``k`` uses each parameter group's learning rate times ``lr_factor(schedule, k,
+    steps)``; the groups' learning rates are restored afterwards.
     """
     device = torch.device(cfg.device)
     curve = Curve()
@@ -516,9 +580,13 @@ def train(
 
     log(0)
     net.train()
+    base_lrs = [group["lr"] for group in opt.param_groups]
     for step in range(1, steps + 1):
         _sync(device)
         start = time.perf_counter()
+        factor = lr_factor(schedule, step, steps)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * factor
         idx = next(batches)
         counter = FlopCounterMode(display=False) if step == 1 else contextlib.nullcontext()
         with counter:
@@ -535,6 +603,8 @@ def train(
             log(step)
         if progress is not None:
             progress.update(1)
+    for group, base in zip(opt.param_groups, base_lrs):
+        group["lr"] = base
     return curve
 
 
@@ -565,11 +635,11 @@ def _grow(
     ]
 
 
-def _deep_scratch(example: Tensor, seed: int) -> GrowableNetwork:
-    """The Net2DeeperNet student's architecture, every layer freshly initialised."""
+def _deep_scratch(example: Tensor, seed: int, width: Sequence[int]) -> GrowableNetwork:
+    """The Net2DeeperNet student's architecture (teacher ``width``), freshly initialised."""
 
     def build() -> GrowableNetwork:
-        net = GrowableNetwork(SmallCNN(), example_inputs=example)
+        net = GrowableNetwork(SmallCNN(*width), example_inputs=example)
         for name in DEEPEN_LAYERS:
             net.deepen(name, kind="identity")
         for m in net.modules():
@@ -623,7 +693,9 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
 
     # the teacher: the narrow network trained from scratch
     teacher_run = next(v for v in vs if v.start == "scratch" and v.arch == "narrow")
-    teacher = _seeded(seed, lambda: GrowableNetwork(SmallCNN(), example_inputs=example.cpu()))
+    teacher = _seeded(
+        seed, lambda: GrowableNetwork(SmallCNN(*cfg.teacher_width), example_inputs=example.cpu())
+    )
     teacher.to(device)
     teacher_opt = _optimizer(teacher, cfg)
     writer = writer_for(teacher_run.key)
@@ -657,7 +729,7 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
             net = _seeded(20_000 + seed, lambda: SmallCNN(*wide_widths)).to(device)
             opt = _optimizer(net, cfg)
         elif v.arch == "deep":
-            net = _deep_scratch(example.cpu(), 30_000 + seed).to(device)
+            net = _deep_scratch(example.cpu(), 30_000 + seed, cfg.teacher_width).to(device)
             opt = _optimizer(net, cfg)
         else:  # pragma: no cover - a new variant without a recipe
             raise ValueError(f"no recipe for variant {v.key!r}")
@@ -675,6 +747,7 @@ def run_seed(seed: int, data: Data, cfg: Config, progress: Any = None) -> dict[s
                 cfg,
                 steps=cfg.steps,
                 order_seed=2000 + seed,
+                schedule=cfg.schedule,
                 writer=writer,
                 progress=progress,
             )
@@ -737,6 +810,7 @@ def summarise(per_seed: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str
                 "steps_to_control",
                 "advantage_first_half",
                 "final_accuracy",
+                "final_minus_control",
                 "seconds",
                 "params",
             )
@@ -754,10 +828,87 @@ def summarise(per_seed: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str
                 advantage(run, s["variants"][v.scratch], cfg.steps // 2) if v.scratch else None
             )
             m["final_accuracy"].append(run["accuracy"][-1])
+            m["final_minus_control"].append(
+                None if v.key == control_key else run["accuracy"][-1] - control
+            )
             m["seconds"].append(run["seconds"])
             m["params"].append(run["params"])
         out[v.key] = m
     return out
+
+
+@dataclass(frozen=True)
+class PairedGap:
+    """A run's final accuracy against the control's, paired by seed.
+
+    ``mean`` and ``std`` (sample std; 0 for one seed) of the per-seed differences, ``above``
+    the number of seeds in which the run ends above the control, ``spread`` the largest of the
+    std of the differences and the stds over seeds of both runs' final accuracies, and
+    ``exceeds`` whether ``mean`` is positive and above ``spread`` (None for one seed).
+    """
+
+    mean: float
+    std: float
+    above: int
+    n: int
+    spread: float
+    exceeds: bool | None
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+
+
+def paired_gap(run_final: Sequence[float], control_final: Sequence[float]) -> PairedGap:
+    """Compare final accuracies seed by seed (the two sequences list the same seeds in order).
+
+    Raises
+    ------
+    ValueError
+        When the sequences are empty or differ in length.
+    """
+    if not run_final or len(run_final) != len(control_final):
+        raise ValueError(
+            f"paired_gap needs one final accuracy per seed for both runs, got "
+            f"{len(run_final)} and {len(control_final)}"
+        )
+    diffs = [a - b for a, b in zip(run_final, control_final)]
+    n = len(diffs)
+    mean, std = sum(diffs) / n, _sample_std(diffs)
+    spread = max(std, _sample_std(run_final), _sample_std(control_final))
+    return PairedGap(
+        mean=mean,
+        std=std,
+        above=sum(d > 0 for d in diffs),
+        n=n,
+        spread=spread,
+        exceeds=None if n < 2 else bool(mean > 0 and mean > spread),
+    )
+
+
+def gap_to_control(summary: dict[str, dict[str, Any]], key: str) -> PairedGap | None:
+    """:func:`paired_gap` of variant ``key`` against ``teacher-continued`` (None for itself)."""
+    m = summary[key]
+    if any(d is None for d in m["final_minus_control"]):
+        return None
+    return paired_gap(m["final_accuracy"], summary["teacher-continued"]["final_accuracy"])
+
+
+def comparison_line(summary: dict[str, dict[str, Any]], key: str = "net2wider") -> str:
+    """One sentence: does ``key`` end above the teacher-continued control by more than the
+    spread over seeds?"""
+    gap = gap_to_control(summary, key)
+    if gap is None:
+        return f"{key} is the control"
+    verdict = {True: "yes", False: "no", None: "- (one seed)"}[gap.exceeds]
+    return (
+        f"{key} - teacher-continued, final accuracy: {gap.mean:+.4f} ± {gap.std:.4f} "
+        f"(paired over {gap.n} seed(s), above in {gap.above}/{gap.n}); largest spread "
+        f"{gap.spread:.4f}; gap exceeds the spread: {verdict}"
+    )
 
 
 def _fmt(values: Sequence[Any], digits: int = 3) -> str:
@@ -775,11 +926,19 @@ def _fmt_steps(values: Sequence[int | None]) -> str:
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
 
 
+def _fmt_gap(gap: PairedGap | None) -> str:
+    if gap is None:
+        return "-"
+    text = f"{gap.mean:+.4f}" if gap.n == 1 else f"{gap.mean:+.4f} ± {gap.std:.4f}"
+    return f"{text} ({gap.above}/{gap.n} above)"
+
+
 def table_rows(summary: dict[str, dict[str, Any]], cfg: Config) -> list[dict[str, str]]:
     """One row of formatted cells per variant."""
     rows = []
     for v in variants(cfg.noise):
         m = summary[v.key]
+        gap = gap_to_control(summary, v.key)
         changes = [x for x in m["logit_change_at_0"] if x is not None]
         rows.append(
             {
@@ -793,6 +952,10 @@ def table_rows(summary: dict[str, dict[str, Any]], cfg: Config) -> list[dict[str
                     f"{_fmt(m['advantage_first_half'])} vs {v.scratch}" if v.scratch else "-"
                 ),
                 "final acc": _fmt(m["final_accuracy"]),
+                "final - control (paired)": _fmt_gap(gap),
+                "gap > spread": "-" if gap is None or gap.exceeds is None else (
+                    "yes" if gap.exceeds else "no"
+                ),
                 "wall s (no eval)": _fmt(m["seconds"], digits=1),
             }
         )
@@ -870,7 +1033,8 @@ def plot(per_seed: list[dict[str, Any]], cfg: Config) -> Any:
                 ax.set_ylabel("test accuracy" + (" (zoom)" if row else ""))
     fig.suptitle(
         f"Net2Net on Fashion-MNIST ({cfg.train_size} train / {cfg.test_size} test images, "
-        f"teacher {cfg.teacher_steps} steps, {len(per_seed)} seed(s), mean ± std)"
+        f"teacher {cfg.teacher_steps} steps, then {cfg.steps} steps ({cfg.schedule} LR), "
+        f"{len(per_seed)} seed(s), mean ± std)"
     )
     fig.tight_layout()
     return fig
@@ -890,7 +1054,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ``rows`` (the formatted table), ``summary`` (per-variant values per seed), ``paths``
         (written files), ``config`` and ``per_seed`` (raw curves).
     """
-    cfg = _config(args)
+    cfg = make_config(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -908,9 +1072,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = table_rows(summary, cfg)
     print(format_table(rows, COLUMNS))
     print(NOTES)
+    for key in ("net2wider", "net2deeper"):
+        print(comparison_line(summary, key))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
     config.update(
-        model="SmallCNN(8, 16, 64)",
+        model=f"SmallCNN{tuple(cfg.teacher_width)}",
         optimizer="SGD",
         widen_layers=list(WIDEN_LAYERS),
         deepen_layers=list(DEEPEN_LAYERS),

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from .errors import REGISTER_HINT, GrowthError, UnsupportedLayerError
 from .layout import Block, Layout, Segment, SpaceTable
@@ -69,6 +69,18 @@ class ChannelAnalysis:
     layouts: dict[fx.Node, Layout | None]
     spaces: SpaceTable
     module_nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
+    #: parameters and buffers read by ``get_attr`` (positional embeddings, class tokens, a traced
+    #: RMSNorm's weight): dotted name -> layout of the tensor (its units on its last dim)
+    attr_layouts: dict[str, Layout] = field(default_factory=dict)
+    #: channel counts written as numbers in the graph (``x.reshape(n, 768, -1)``): the node, the
+    #: position of the number in its args (argument, item of a list argument or None) and the
+    #: layout whose size it is; widening rewrites them
+    literals: list[tuple[fx.Node, tuple[int, int | None], Layout]] = field(default_factory=list)
+    #: head counts and head widths written as numbers (``x.view(b, t, 4, 16)``): the node, the
+    #: position of the number, the space and "heads" or "head_dim"; head growth rewrites them
+    head_literals: list[tuple[fx.Node, tuple[int, int | None], int, str]] = field(
+        default_factory=list
+    )
 
     def input_layout(self, node: fx.Node) -> Layout | None:
         first = node.args[0] if node.args else None
@@ -144,6 +156,11 @@ class AnalysisContext:
         self.layouts: dict[fx.Node, Layout | None] = {}
         self._module_space: dict[str, int] = {}
         self._module_input: dict[str, Layout | None] = {}
+        self.attr_layouts: dict[str, Layout] = {}
+        self.literals: list[tuple[fx.Node, tuple[int, int | None], Layout]] = []
+        self.head_literals: list[tuple[fx.Node, tuple[int, int | None], int, str]] = []
+        #: layouts of the items of tuple-valued nodes (attention returns (output, weights))
+        self.item_layouts: dict[fx.Node, dict[int, Layout | None]] = {}
         self.node: fx.Node | None = None
 
     # --- reading the graph -------------------------------------------------------------------
@@ -175,6 +192,30 @@ class AnalysisContext:
         if name not in self._module_space:
             self._module_space[name] = self.spaces.new(width, name)
         return self._module_space[name]
+
+    def item_shape(self, node: fx.Node, index: int) -> tuple[int, ...] | None:
+        """The shape of item ``index`` of tuple-valued ``node``, read from its ``getitem``."""
+        for user in node.users:
+            if user.op == "call_function" and user.args[1:2] == (index,):
+                return self.shape(user)
+        return None
+
+    def attr_layout(self, node: fx.Node) -> Layout | None:
+        """The layout of a floating-point parameter or buffer read by ``get_attr``: its units
+        lie on its last dimension of size > 1 (a position embedding ``(1, T, D)`` on ``D``, a
+        channels-first layer scale ``(C, 1, 1)`` on ``C``), one space per tensor however often
+        it is read. The ops that use it check that dimension (a tensor used along another one
+        is refused there)."""
+        target = str(node.target)
+        value = _fetch(self.root, target)
+        if not isinstance(value, Tensor) or value.dim() == 0 or not value.is_floating_point():
+            return None
+        if target not in self.attr_layouts:
+            dims = [d for d in range(value.dim()) if value.shape[d] > 1] or [value.dim() - 1]
+            dim, width = dims[-1], int(value.shape[dims[-1]])
+            space = self.spaces.new(width, target)
+            self.attr_layouts[target] = Layout(dim, (Segment(space, width),))
+        return self.attr_layouts[target]
 
     def passthrough(self, node: fx.Node) -> Layout | None:
         """Output layout equal to the first input's (same rank) or re-aligned to the output rank."""
@@ -216,8 +257,9 @@ class AnalysisContext:
         first = layouts[0]
         for other in layouts[1:]:
             same = other.dim == first.dim and len(other.segments) == len(first.segments)
-            same = same and all(
-                a.units == b.units and a.expand == b.expand
+            same = same and other.inner == first.inner
+            same = same and all(  # blocks of fused layers join only block for block
+                (a.units, a.expand, a.parts, a.part) == (b.units, b.expand, b.parts, b.part)
                 for a, b in zip(first.segments, other.segments)
             )
             if not same:
@@ -281,7 +323,7 @@ def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
         if node.op == "placeholder":
             layout = ctx.fixed(node, "the network's input, whose width is fixed")
         elif node.op == "get_attr":
-            layout = None  # constants: checked by the ops that use them
+            layout = ctx.attr_layout(node)  # None for constants: checked by the ops using them
         elif node.op == "output":
             _block_output(ctx, node)
             continue
@@ -294,6 +336,8 @@ def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
                 layout = ctx.opaque(
                     node, f"is a {type(module).__name__}, a layer type with no growth rule"
                 )
+            elif _reads_heads(ctx, node):
+                layout = ctx.opaque(node, HEADS_REASON)
             else:
                 if any(True for _ in module.parameters(recurse=False)) or any(
                     True for _ in module.buffers(recurse=False)
@@ -302,23 +346,53 @@ def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
                 layout = rule.infer(ctx, name, module, node)
         else:  # call_function, call_method
             rule = function_rule_for(node)
-            layout = ctx.opaque(node) if rule is None else rule.infer(ctx, node)
+            if rule is None:
+                layout = ctx.opaque(node)
+            elif _reads_heads(ctx, node) and not getattr(rule, "heads_aware", False):
+                layout = ctx.opaque(node, HEADS_REASON)
+            else:
+                layout = rule.infer(ctx, node)
         shape = node.meta.get("shape")
-        if layout is not None and (shape is None or layout.size != shape[layout.dim]):
+        if node in ctx.item_layouts:  # a tuple: the rule gave its items' layouts (item 0 here)
+            shape = ctx.item_shape(node, 0)
+        if layout is not None and (shape is None or layout.size != _channel_size(layout, shape)):
             ctx.spaces.block_layout(layout, f"{describe(node)}: channel bookkeeping mismatch")
             layout = ctx.fixed(node, f"output of {describe(node)}")
         ctx.layouts[node] = layout
     _shared_tensors(ctx, root, graph, module_nodes)
-    return ChannelAnalysis(ctx.layouts, ctx.spaces, module_nodes)
+    return ChannelAnalysis(
+        ctx.layouts, ctx.spaces, module_nodes, ctx.attr_layouts, ctx.literals, ctx.head_literals
+    )
+
+
+HEADS_REASON = (
+    "reads a tensor split into attention heads, and has no rule for heads (net2grow follows "
+    "heads through view/unflatten, transpose/permute, contiguous and scaled_dot_product_"
+    "attention, back to the channels by flatten/view)"
+)
+
+
+def _reads_heads(ctx: AnalysisContext, node: fx.Node) -> bool:
+    """Whether an input of ``node`` carries channels split into attention heads."""
+    return any(
+        (lay := ctx.layout(a)) is not None and lay.inner is not None for a in node.all_input_nodes
+    )
+
+
+def _channel_size(layout: Layout, shape: tuple[int, ...]) -> int:
+    """The number of channel positions of a tensor of ``shape`` with ``layout``."""
+    if layout.inner is None:
+        return shape[layout.dim]
+    return shape[layout.dim] * shape[layout.inner]
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    from .tracing import fetch_path
+
+    try:
+        return fetch_path(root, target)
+    except AttributeError:
+        return None
 
 
 def _shared_tensors(
@@ -394,9 +468,10 @@ def _shared_tensors(
             continue
         names = list(dict.fromkeys(n for n, _ in users))
         owner = ", ".join(f"{n}.{t}" for n, t in users)
-        block(
-            names,
+        reason = (
             f"{owner} is also read directly in forward (self.{node.target}, node "
             f"{node.name!r}), and that use could not follow its growth. Grow layers that are "
-            f"not coupled to it, or give that use its own tensor",
+            f"not coupled to it, or give that use its own tensor"
         )
+        block(names, reason)
+        ctx.spaces.block_layout(ctx.attr_layouts.get(str(node.target)), reason, GrowthError)

@@ -15,9 +15,14 @@ from torch import Tensor, nn
 
 from .deepen import KINDS
 from .errors import GrowthError
+from .initializers import CUSTOM_INITS
 from .mapping import SPLITS
-from .transform import INITS
+from .optim import NEW_UNIT_STATES
+from .transform import INITS as ENGINE_INITS
 from .verify import DEFAULT_TOLERANCE
+
+#: Every ``widen`` init: the engine's and those of :mod:`growth.initializers`.
+INITS = (*ENGINE_INITS, *CUSTOM_INITS)
 
 #: Largest width ``widen`` accepts: no tensor dimension can be longer (torch indexes in int64).
 MAX_UNITS = 2**62
@@ -201,7 +206,10 @@ def target_width(name: str, old: int, width: object, factor: object) -> int:
 def check_widen_options(init: object, split: object, noise: object, generator: object) -> None:
     """``widen``'s ``init``, ``split``, ``noise`` and ``generator``."""
     if not isinstance(init, str) or init not in INITS:
-        raise GrowthError(f"init must be one of {INITS}, got {init!r}")
+        raise GrowthError(
+            f"init must be one of {ENGINE_INITS} (Net2Net's) or {CUSTOM_INITS} "
+            f"(growth.initializers), got {init!r}"
+        )
     if not isinstance(split, str) or split not in SPLITS:
         raise GrowthError(f"split must be one of {SPLITS}, got {split!r}")
     if not _is(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
@@ -215,6 +223,23 @@ def check_widen_options(init: object, split: object, noise: object, generator: o
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise GrowthError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def check_new_unit_options(init: str, optimizer_state: object, batch: object) -> None:
+    """``widen``'s ``optimizer_state`` and ``batch`` (``batch`` only with ``init="gradmax"``,
+    which needs one)."""
+    if not isinstance(optimizer_state, str) or optimizer_state not in NEW_UNIT_STATES:
+        raise GrowthError(
+            f"optimizer_state must be one of {NEW_UNIT_STATES}, got {optimizer_state!r}"
+        )
+    if init == "gradmax" and batch is None:
+        raise GrowthError(
+            "init='gradmax' needs a batch of training data: widen(name, width, "
+            "init='gradmax', batch=(inputs, targets), loss_fn=...)"
+        )
+    if init != "gradmax" and batch is not None:
+        raise GrowthError(f"batch= is for init='gradmax' (it chooses the new units' "
+                          f"weights from its gradients), not init={init!r}")
 
 
 def check_deepen_options(name: str, kind: object, activation: object) -> None:

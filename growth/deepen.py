@@ -43,7 +43,7 @@ from .verify import check_preserved, reference_output
 if TYPE_CHECKING:
     from .network import GrowableNetwork
 
-KINDS = ("identity", "residual")
+KINDS = ("identity", "residual", "block")  # "block": growth.block
 
 
 @dataclass

@@ -129,10 +129,23 @@ def shape_mapping(old_width: int, new_width: int, groups: int = 1) -> UnitMappin
 def grown_layout(layout: Layout, spaces: SpaceTable, group: int, new_width: int) -> Layout:
     """``layout`` after the space group ``group`` grows to ``new_width`` units."""
     segs = tuple(
-        Segment(s.space, new_width, s.expand) if spaces.find(s.space) == group else s
+        Segment(s.space, new_width // s.parts, s.expand, s.parts, s.part)
+        if spaces.find(s.space) == group
+        else s
         for s in layout.segments
     )
-    return Layout(layout.dim, segs)
+    return Layout(layout.dim, segs, layout.inner)
+
+
+def part_mapping(mapping: UnitMapping, parts: int, part: int, old: int) -> UnitMapping:
+    """The mapping of block ``part`` of ``parts`` equal blocks (``old`` units each) of a space
+    that grows by whole blocks (each block's units copy units of the same block)."""
+    if parts == 1:
+        return mapping
+    new = mapping.new_width // parts
+    at = slice(part * new, (part + 1) * new)
+    source = mapping.source[at] - part * old
+    return UnitMapping(source, mapping.original[at], mapping.share[at], min(mapping.prefix, old))
 
 
 def axis_map(
@@ -149,7 +162,8 @@ def axis_map(
     offset, prefix, grown_seen = 0, 0, False
     for seg in layout.segments:
         grows = spaces.find(seg.space) == group
-        um = mapping if grows else identity_mapping(seg.units, device)
+        um = part_mapping(mapping, seg.parts, seg.part, seg.units) if grows else None
+        um = um if um is not None else identity_mapping(seg.units, device)
         if not grown_seen:
             prefix += um.prefix * seg.expand
             grown_seen = grows

@@ -21,12 +21,16 @@ from .arguments import (
     check_common,
     check_deepen_options,
     check_network_options,
+    check_new_unit_options,
     check_widen_options,
     probe_failure,
     target_width,
 )
+from .block import insert_block
 from .changes import GrowthChanges, GrowthHook
+from .concrete_tracing import tracer_factory
 from .errors import GrowthError
+from .heads import head_target
 from .mapping import identity_mapping
 from .record import GrowthRecord
 from .rules import module_rule_for
@@ -35,6 +39,19 @@ from .transaction import Transaction
 from .verify import DEFAULT_TOLERANCE, run_probe
 
 _PROBE_PREFIX = "_probe_"
+
+
+class _ChildrenFirst:
+    """What the generated forward code sees as ``self``: submodules first, then the network."""
+
+    __slots__ = ("_net",)
+
+    def __init__(self, net: nn.Module) -> None:
+        self._net = net
+
+    def __getattr__(self, name: str) -> Any:
+        child = self._net._modules.get(name)
+        return child if child is not None else getattr(self._net, name)
 
 
 class GrowableNetwork(nn.Module):
@@ -56,6 +73,12 @@ class GrowableNetwork(nn.Module):
         a growth rule block growth of the units they read.
     probe_size : int
         Number of samples kept for verification.
+    tracer : {"auto", "fx", "concrete"} or callable
+        How the model is traced. ``"fx"``: plain ``torch.fx``. ``"concrete"``: traced while it
+        runs on ``example_inputs``, so Python decisions on shapes or settings (Hugging Face
+        models) are taken on the example and fixed in the graph; later ``forward`` parameters
+        keep their defaults. ``"auto"`` (default): concrete for Hugging Face ``transformers``
+        models, else fx. Or a ``GrowthTracer`` subclass (any ``leaf_types -> fx.Tracer``).
     """
 
     #: Plain attributes of a subclass that checkpoints store and restore (numbers, strings,
@@ -70,6 +93,7 @@ class GrowableNetwork(nn.Module):
         tolerance: float = DEFAULT_TOLERANCE,
         leaf_modules: Iterable[type] = (),
         probe_size: int = 16,
+        tracer: Any = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -78,7 +102,8 @@ class GrowableNetwork(nn.Module):
             raise GrowthError("model is already a GrowableNetwork: grow it directly")
         inputs = as_inputs(example_inputs)
         probe_size, leaf_modules = check_network_options(tolerance, probe_size, leaf_modules)
-        graph, functional = trace_both_modes(model, leaf_modules)
+        make_tracer = tracer_factory(tracer, model, inputs)
+        graph, functional = trace_both_modes(model, leaf_modules, make_tracer)
         if functional:
             container = nn.Module()
             for name, module in functional.items():
@@ -221,10 +246,14 @@ class GrowableNetwork(nn.Module):
         exec(compile(code.src, f"<net2grow:{self.model_class}>", "exec"), namespace)
         self.__dict__["_forward_fn"] = namespace["forward"]
         self.__dict__["code"] = code.src
+        # children named like an attribute of this class (nn.TransformerEncoder's ``layers``):
+        # the generated code reaches them through a view that looks up submodules first
+        clash = any(hasattr(type(self), n) for n in self._modules)
+        self.__dict__["_root_view"] = _ChildrenFirst(self) if clash else None
         self._analysis = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.__dict__["_forward_fn"](self, *args, **kwargs)
+        out = self.__dict__["_forward_fn"](self.__dict__.get("_root_view") or self, *args, **kwargs)
         if self.training and _protect.CONTAINER in self._modules:
             _protect.after_forward(self)  # frozen BatchNorm statistics are written back
         return out
@@ -232,6 +261,7 @@ class GrowableNetwork(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_forward_fn", None)
+        state.pop("_root_view", None)
         state["_analysis"] = None
         return state
 
@@ -239,6 +269,15 @@ class GrowableNetwork(nn.Module):
         self.__dict__.update(state)
         self._recompile()
         _protect.attach(self)  # copies (deepcopy, pickle) keep their protection active
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """Like ``nn.Module.get_submodule``, but children first: a child named like an
+        attribute of this class (``layers``) is found under its own name."""
+        head, _, rest = target.partition(".")
+        child = self._modules.get(head) if head else None
+        if child is None:
+            return super().get_submodule(target)
+        return child.get_submodule(rest) if rest else child
 
     @property
     def graph(self) -> fx.Graph:
@@ -337,6 +376,9 @@ class GrowableNetwork(nn.Module):
         verify: bool = True,
         max_growth_bytes: float | None = None,
         protect: str | None = None,
+        optimizer_state: str = "scale",
+        batch: Any = None,
+        loss_fn: Any = None,
     ) -> GrowthRecord:
         """Net2WiderNet: give layer ``name`` ``width`` outputs (or ``factor`` times as many).
 
@@ -348,9 +390,17 @@ class GrowableNetwork(nn.Module):
         weights (it breaks their symmetry; verification allows for the change it makes).
         ``init="zero"`` (exact): new units get random incoming and zero outgoing weights.
         ``init="random"``: both random (the paper's random pad; not exact, not verified).
+        ``init="gradmax"`` (exact): zero incoming weights and a small bias, outgoing weights
+        along the directions of largest gradient on ``batch=(inputs, targets)`` under
+        ``loss_fn`` (default cross-entropy). ``init="vt"`` (exact): new units in pairs with
+        shared incoming and opposite outgoing weights (Variance Transfer). Both are always
+        verified; see :mod:`growth.initializers` for what they support.
         ``generator`` draws the mapping and every random value (reproducible growth). With
-        ``optimizer`` its state is carried over. On any refusal (``GrowthError``) the network and
-        optimizer are left as they were.
+        ``optimizer`` its state is carried over: old units keep theirs, and
+        ``optimizer_state`` says what new units get (:data:`growth.optim.NEW_UNIT_STATES`:
+        ``"scale"``, copies get their source's state scaled like their gradient, fresh units
+        zero; ``"copy"``, copies get it unscaled; ``"zero"``, every new unit zero). On any
+        refusal (``GrowthError``) the network and optimizer are left as they were.
 
         An operation that would allocate more than ``max_growth_bytes`` (default
         ``growth.limits.MAX_GROWTH_BYTES``, 8 GiB; new tensors, optimizer state and index maps,
@@ -371,6 +421,7 @@ class GrowableNetwork(nn.Module):
             protected = protect is not None or _protect.is_protected(self)
             init = "zero" if protected else "net2net"
         check_widen_options(init, split, noise, generator)
+        check_new_unit_options(init, optimizer_state, batch)
         check_common(optimizer, verify)
         undo = None if protect is None else _protect.freeze(self, protect, [name], activate=False)
         try:
@@ -385,6 +436,9 @@ class GrowableNetwork(nn.Module):
                 optimizer=optimizer,
                 verify=verify,
                 limit=limit,
+                optimizer_state=optimizer_state,
+                batch=batch,
+                loss_fn=loss_fn,
             )
         except BaseException:
             if undo is not None:
@@ -393,6 +447,53 @@ class GrowableNetwork(nn.Module):
         if _protect.is_protected(self):
             _protect.attach(self)  # gradient masks for tensors protected by this operation
             outcome[1]["protect"] = _protect.mode(self)
+        return self._commit("widen", name, (old_width, new_width), params_before, start, outcome)
+
+    def widen_heads(
+        self,
+        name: str,
+        *,
+        heads: int | None = None,
+        head_dim: int | None = None,
+        init: str = "net2net",
+        split: str = "random",
+        generator: torch.Generator | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        verify: bool = True,
+        optimizer_state: str = "scale",
+    ) -> GrowthRecord:
+        """Grow the attention heads made by layer ``name`` (a q, k or v projection, or a fused
+        qkv one, read by ``F.scaled_dot_product_attention`` through a view into heads).
+
+        ``heads``: the new number of heads (per projection); new heads copy existing ones and
+        split their output-projection columns (``init="net2net"``), or are random with zero
+        output-projection columns (``init="zero"``). ``head_dim``: the new width of every
+        head; new positions copy positions of the same head, scaled so that every attention
+        score keeps its value (``init="net2net"`` only, and only where q, k, v go straight
+        from ``Linear`` layers into the attention). Give one of them. ``net.widen(name,
+        width)`` on such a layer adds heads (``width`` a multiple of the head width). The
+        other arguments are ``widen``'s; a refusal (``GrowthError``) changes nothing.
+        """
+        start, params_before = time.perf_counter(), self.num_parameters()
+        old_width = self.width(name)
+        new_width, mode = head_target(self, name, heads, head_dim)
+        check_widen_options(init, split, 0.0, generator)
+        check_new_unit_options(init, optimizer_state, None)
+        check_common(optimizer, verify)
+        outcome = widen.widen(
+            self,
+            name,
+            new_width,
+            init=init,
+            split=split,
+            noise=0.0,
+            generator=generator,
+            optimizer=optimizer,
+            verify=verify,
+            limit=limits.resolve_limit(None),
+            optimizer_state=optimizer_state,
+            heads=mode,
+        )
         return self._commit("widen", name, (old_width, new_width), params_before, start, outcome)
 
     def protect(self, mode: str = "lateral", layers: Iterable[str] | None = None) -> list[str]:
@@ -444,12 +545,27 @@ class GrowableNetwork(nn.Module):
         idempotent on its inputs (ReLU after ReLU), otherwise refused. ``kind="residual"``:
         ``x + layer2(act(layer1(x)))`` with ``layer2`` zero, exact for every activation.
         No BatchNorm is inserted, so both kinds are exact in eval and in train mode.
+        ``kind="block"``: ``name`` is a pre-norm residual block (a transformer block: ``x +
+        attn(norm(x))``, then ``+ ffn(norm(x))``); a copy of it whose output projections are
+        zero is inserted after it (the identity, in eval and train mode). Post-norm blocks are
+        refused.
         New modules live under the top-level ``grown`` module; existing names never change.
         With ``optimizer``, the new parameters join the param group of ``name``'s weight.
         New layers needing more than ``max_growth_bytes`` (default
         ``net2grow.growth.limits.MAX_GROWTH_BYTES``) are refused before they are built.
         """
         start, params_before = time.perf_counter(), self.num_parameters()
+        if kind == "block":
+            check_deepen_options(name, kind, activation)
+            check_common(optimizer, verify)
+            width, outcome = insert_block(
+                self,
+                name,
+                verify=verify,
+                optimizer=optimizer,
+                limit=limits.resolve_limit(max_growth_bytes),
+            )
+            return self._commit("deepen", name, (width, width), params_before, start, outcome)
         width = self.width(name)
         check_deepen_options(name, kind, activation)
         _protect.check_deepen(self, name)

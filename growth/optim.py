@@ -37,6 +37,14 @@ STATE_POWERS: dict[str, int] = {
 }
 _OVERRIDES: dict[tuple[str, str], int] = {("RMSprop", "momentum_buffer"): 0}
 
+#: What a widening does to the optimizer state of the units it adds (``widen(...,
+#: optimizer_state=...)``); old units always keep theirs, step counts keep counting.
+#: "scale": a copy of a unit gets its source's state scaled like the copy's gradient
+#: (``share ** power``, the state the copy would have accumulated; staged training's choice),
+#: fresh units (``init`` other than "net2net") zero state. "copy": copies get their source's
+#: state unchanged. "zero": every new unit, copy or fresh, starts from zero state.
+NEW_UNIT_STATES = ("scale", "copy", "zero")
+
 
 def state_power(optimizer: torch.optim.Optimizer, key: str) -> int | None:
     for cls in type(optimizer).__mro__:
@@ -75,12 +83,16 @@ def remapped_state(
     steps: list[AxisStep],
     init: str,
     old_shape: tuple[int, ...] | None = None,
+    mode: str = "scale",
 ) -> dict[str, object] | None:
     """The new state of ``p`` (not yet installed), or None when ``p`` has none.
 
     ``old_shape`` is the parameter's shape before growth (default: its current shape, for use
-    before the parameter itself is grown).
+    before the parameter itself is grown). ``mode``: one of :data:`NEW_UNIT_STATES`, what the
+    new units get.
     """
+    if mode not in NEW_UNIT_STATES:
+        raise GrowthError(f"optimizer_state must be one of {NEW_UNIT_STATES}, got {mode!r}")
     state = optimizer.state.get(p)
     if not state:
         return None
@@ -91,7 +103,11 @@ def remapped_state(
             power = state_power(optimizer, key)
             if power is None:
                 raise GrowthError(f"no known remapping for optimizer state {key!r}")
-            new[key] = grow_state(value, steps, init=init, power=power)
+            if mode == "zero":  # old units kept, every new unit zero (as for fresh units)
+                new[key] = grow_state(value, steps, init="zero", power=power)
+            else:
+                power = 0 if mode == "copy" else power  # power 0: the source's state as it is
+                new[key] = grow_state(value, steps, init=init, power=power)
         else:
             new[key] = value  # step counts and other scalars are kept
     return new

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,7 +34,34 @@ class GrowthTracer(fx.Tracer):
             return False
         if module_rule_for(m) is not None:
             return True
+        from .rules.transformer_layers import TRACED_FORWARDS
+
+        if type(m) in TRACED_FORWARDS:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        from .rules.transformer_layers import TRACED_FORWARDS
+
+        traced = TRACED_FORWARDS.get(type(root)) if isinstance(root, nn.Module) else None
+        if traced is None:
+            return super().trace(root, concrete_args)
+        cls = type(root)  # the model itself is one of them: traced as a subclass using it
+        root.__class__ = type(cls.__name__, (cls,), {"forward": traced})
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            root.__class__ = cls
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        # modules whose forward cannot be traced but computes what a traceable one does
+        # (nn.TransformerEncoderLayer's fast-path checks) are traced through that one
+        from .rules.transformer_layers import TRACED_FORWARDS
+
+        traced = TRACED_FORWARDS.get(type(m))
+        if traced is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(traced, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _failing_user_frame(exc: BaseException) -> str:
@@ -46,9 +74,14 @@ def _failing_user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
 
 
-def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.Graph:
-    """Symbolically trace ``model``; raise :class:`TraceError` naming the failing call."""
-    tracer = GrowthTracer(leaf_types)
+def trace(
+    model: nn.Module,
+    leaf_types: Iterable[type] = (),
+    make_tracer: Callable[[Iterable[type]], fx.Tracer] = GrowthTracer,
+) -> fx.Graph:
+    """Symbolically trace ``model`` with ``make_tracer(leaf_types)``; raise
+    :class:`TraceError` naming the failing call."""
+    tracer = make_tracer(leaf_types)
     try:
         return tracer.trace(model)
     except Exception as exc:  # torch.fx raises many types; all mean "not traceable"
@@ -57,7 +90,8 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.Graph:
             f"could not trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}. "
             f"The failing call: {where}. Make the module that contains it a leaf "
             f"(GrowableNetwork(model, example_inputs, leaf_modules=[ThatModuleType])) or remove "
-            f"data-dependent control flow from its forward."
+            f"data-dependent control flow from its forward (or trace it on the example "
+            f"inputs' values: GrowableNetwork(..., tracer=\"concrete\"))."
         ) from exc
 
 
@@ -128,7 +162,9 @@ def _describe_call(node: fx.Node) -> str:
 
 
 def trace_both_modes(
-    model: nn.Module, leaf_types: Iterable[type] = ()
+    model: nn.Module,
+    leaf_types: Iterable[type] = (),
+    make_tracer: Callable[[Iterable[type]], fx.Tracer] = GrowthTracer,
 ) -> tuple[fx.Graph, dict[str, nn.Module]]:
     """Trace ``model`` so that ``F.dropout(x, training=self.training)`` keeps following the mode.
 
@@ -143,9 +179,9 @@ def trace_both_modes(
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train()
-        train_graph = trace(model, leaf_types)
+        train_graph = trace(model, leaf_types, make_tracer)
         model.eval()
-        eval_graph = trace(model, leaf_types)
+        eval_graph = trace(model, leaf_types, make_tracer)
     finally:
         for m, mode in modes:
             m.training = mode
@@ -191,8 +227,22 @@ def trace_both_modes(
     return train_graph, modules
 
 
+def fetch_path(root: Any, target: str) -> Any:
+    """The object at dotted ``target`` below ``root``, submodules first: a child module named
+    like an attribute of its parent's class (``nn.TransformerEncoder.layers`` adopted by a
+    ``GrowableNetwork``, whose ``layers`` lists layer names) is still found."""
+    obj = root
+    for atom in target.split(".") if target else ():
+        children = obj.__dict__.get("_modules", {}) if hasattr(obj, "__dict__") else {}
+        obj = children[atom] if atom in children else getattr(obj, atom)
+    return obj
+
+
 class ShapeRecorder(fx.Interpreter):
     """Runs the graph once and stores each tensor-valued node's shape in ``node.meta['shape']``."""
+
+    def fetch_attr(self, target: str) -> Any:
+        return fetch_path(self.module, target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)

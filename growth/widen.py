@@ -9,15 +9,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx, nn
 
-from . import limits, protect
+from . import initializers, limits, protect
 from .analysis import ChannelAnalysis
 from .changes import GrowthChanges
 from .errors import GrowthError
 from .generators import DeviceGenerators
+from .heads import (
+    check_head_growth,
+    check_only_linear_paths,
+    head_mappings,
+    head_shape,
+    new_sizes,
+    rewrite_head_literals,
+    scale_producers,
+)
 from .limits import MAPPING_BYTES_PER_UNIT
 from .mapping import AxisMap, UnitMapping, axis_map, build_unit_mapping, grown_layout, shape_mapping
 from .optim import check_supported, remapped_state
 from .rules import ModuleUpdate, TensorGrowth, module_rule_for
+from .rules.residual_norm import check_normalised_widen
 from .transform import AxisStep, grow_value
 from .verify import check_preserved, reference_output
 
@@ -37,14 +47,21 @@ def widen(
     optimizer: torch.optim.Optimizer | None,
     verify: bool,
     limit: float,
+    optimizer_state: str = "scale",
+    batch: Any = None,
+    loss_fn: Any = None,
+    heads: str = "heads",
 ) -> tuple[float | None, dict[str, Any], GrowthChanges]:
     """Give layer ``name`` of ``net`` ``new_width`` outputs; every coupled layer follows.
 
     The arguments have been checked (``GrowableNetwork.widen``). Returns the largest output
     change on the probe batch (None when not verified), the record's details and the changes,
     which the caller records. A refusal raises :class:`GrowthError` with ``net`` and
-    ``optimizer`` as they were.
+    ``optimizer`` as they were. Inits of :mod:`growth.initializers` (``"gradmax"``, ``"vt"``)
+    start from ``"zero"``'s values, are adjusted before anything is installed, and are always
+    verified.
     """
+    base = initializers.base_init(init)
     old_width = net.width(name)
     blocked = net._blocked_reason(name)
     if blocked is not None:
@@ -58,37 +75,59 @@ def widen(
             f"width must be a multiple of {expand}"
         )
     new_units = new_width // expand
-    if new_units % info.groups:
+    if new_units % info.groups and not info.heads:  # heads: check_head_growth below
         raise GrowthError(
             f"{name!r} is coupled to a grouped convolution: width must be a multiple of "
             f"{info.groups * expand} (it grows by whole groups), got {new_width}"
         )
+    check_normalised_widen(name, info, old_width, new_width, init, noise)
+    head_sizes = None
+    if info.heads:  # attention heads (growth.heads): whole heads or wider heads
+        check_head_growth(name, info, new_units, heads, init, noise)
+        if heads == "head_dim":
+            check_only_linear_paths(net, net.analysis, group, name)
+        head_sizes = new_sizes(info, new_units, heads)
     limits.check_growth_bytes(
         growth_bytes(net, net.analysis, group, new_units, optimizer),
         limit,
         f"widen({name!r}) from {old_width} to {new_width} units",
     )
     gens = DeviceGenerators(generator)
-    mapping = build_unit_mapping(
-        info.width,
-        new_units,
-        groups=info.groups,
-        split=split,
-        generator=gens.mapping,
-        device=next(net.get_submodule(name).parameters()).device,
-    )
+    device = next(net.get_submodule(name).parameters()).device
+    producer = None
+    if head_sizes is not None:
+        mapping, producer = head_mappings(
+            info, new_units, heads, split=split, generator=gens.mapping, device=device
+        )
+    else:
+        mapping = build_unit_mapping(
+            info.width,
+            new_units,
+            groups=info.groups,
+            split=split,
+            generator=gens.mapping,
+            device=device,
+        )
     plans = plan_updates(net, net.analysis, group, mapping)
+    if producer is not None:
+        scale_producers(plans, net.analysis, group, producer)
     if optimizer is not None:
         params = [getattr(*resolve(m, t)) for _, m, u in plans for t in u.tensors]
         check_supported(optimizer, [p for p in params if isinstance(p, nn.Parameter)])
-    before = reference_output(net) if verify and init != "random" else None
-    planned = compute_values(plans, init=init, noise=noise, generators=gens)
+    custom = base != init
+    if custom:  # checked and its statistics gathered before anything changes
+        prepared = initializers.prepare(
+            net, name, init, plans, batch=batch, loss_fn=loss_fn
+        )
+    before = reference_output(net) if (verify or custom) and init != "random" else None
+    planned = compute_values(plans, init=base, noise=noise, generators=gens)
+    extra = initializers.adjust(prepared, planned, generators=gens) if custom else []
     # protected networks: frozen entries kept, new units' constraints (may refuse; nothing changed)
     guard = protect.plan_widen(net, name, planned, init)
     prefix = {id(m): n for n, m in net.named_modules()}
     # a tied tensor is reported under the name net.named_parameters()/state_dict() give it first
     canonical = {id(t): n for n, t in [*net.named_parameters(), *net.named_buffers()]}
-    changes = GrowthChanges(init=init)
+    changes = GrowthChanges(init=base)
     with net._atomic() as tx:
         for pm in planned:
             for tname, value in pm.values.items():
@@ -99,29 +138,73 @@ def widen(
                 changes.tensors[full] = steps
                 changes.old_shapes[full] = tuple(p.shape)
                 if optimizer is not None and isinstance(p, nn.Parameter):
-                    new_state = remapped_state(optimizer, p, steps, init)
+                    new_state = remapped_state(optimizer, p, steps, base, mode=optimizer_state)
                     if new_state is not None:
                         tx.set_state(optimizer, p, new_state)
                 tx.set_tensor(owner, leaf, value)
             for attr, value in pm.update.attrs.items():
                 tx.set_attr(*resolve(pm.module, attr), value)
+        for owner, leaf, value in extra:  # tensors that change without growing (a bias)
+            tx.set_tensor(owner, leaf, value)
         if guard is not None:
             guard.install(tx)
+        rewrite_literals(net, tx, group, new_units, head_sizes)
         if before is None:  # not verified: shapes follow from the layouts, no forward
-            _grow_recorded_shapes(net.analysis, group, new_units)
+            _grow_recorded_shapes(net.analysis, group, new_units, head_sizes)
             err = None
         else:
             err = check_preserved(net, before, noise, name)
     details = {
         "init": init,
+        "optimizer_state": optimizer_state,
         "split": split,
         "noise": noise,
         "coupled": [pm.name for pm in planned],
     }
+    if head_sizes is not None:
+        details["heads"], details["head_dim"] = head_sizes
     return err, details, changes
 
 
-def _grow_recorded_shapes(analysis: ChannelAnalysis, group: int, new_units: int) -> None:
+def rewrite_literals(
+    net: GrowableNetwork,
+    tx: Any,
+    group: int,
+    new_units: int,
+    head_sizes: tuple[int, int] | None = None,
+) -> None:
+    """Rewrite the channel counts the graph holds as numbers (``analysis.literals``) for
+    ``group`` grown to ``new_units`` units (and head counts and widths, for attention heads
+    grown to ``head_sizes``), and recompile; the transaction undoes it."""
+    analysis = net.analysis
+    changed = False
+    if head_sizes is not None:
+        for node, old_args in rewrite_head_literals(analysis, group, head_sizes):
+            tx.on_rollback(lambda node=node, old_args=old_args: setattr(node, "args", old_args))
+            changed = True
+    for node, (arg, item), layout in analysis.literals:
+        new = grown_layout(layout, analysis.spaces, group, new_units).size
+        if new == layout.size:
+            continue
+        old_args = node.args
+        args = list(old_args)
+        if item is None:
+            args[arg] = new
+        else:
+            args[arg] = type(args[arg])(new if i == item else v for i, v in enumerate(args[arg]))
+        node.args = tuple(args)
+        tx.on_rollback(lambda node=node, old_args=old_args: setattr(node, "args", old_args))
+        changed = True
+    if changed:
+        net._recompile()
+
+
+def _grow_recorded_shapes(
+    analysis: ChannelAnalysis,
+    group: int,
+    new_units: int,
+    head_sizes: tuple[int, int] | None = None,
+) -> None:
     """Update every shape recorded in the graph after ``group`` grew to ``new_units`` units.
 
     Widening changes only the channel dimension of the tensors that carry the group, by an
@@ -133,7 +216,10 @@ def _grow_recorded_shapes(analysis: ChannelAnalysis, group: int, new_units: int)
         new = grown_layout(layout, analysis.spaces, group, new_units).size
         if new != layout.size:
             shape = list(node.meta["shape"])
-            shape[layout.dim] = new
+            if layout.inner is not None and head_sizes is not None:
+                shape = head_shape(layout, shape, head_sizes)
+            else:
+                shape[layout.dim] = new
             node.meta["shape"] = tuple(shape)
 
 
@@ -184,6 +270,12 @@ def plan_updates(
         update = rule.grow(module, in_map, out_map, in_size, out_size)
         if update is not None:
             plans.append((name, module, update))
+    for target, layout in analysis.attr_layouts.items():  # tensors read by get_attr: copied
+        owner, leaf = resolve(root, target)
+        amap = axis_map(layout, spaces, group, mapping, getattr(owner, leaf).dtype)
+        if amap is not None:
+            step = AxisStep(layout.dim, amap, "channel")
+            plans.append((target, owner, ModuleUpdate(tensors={leaf: TensorGrowth([step])})))
     _grow_tied_once(plans)
     return plans
 

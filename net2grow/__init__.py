@@ -46,6 +46,7 @@ except PackageNotFoundError:  # a source checkout that was never installed
 
 #: Names taken from net2grow.strategies on first use (it imports avalanche-lib).
 _LAZY = {
+    "Expand": "strategies",
     "GrowthPlugin": "strategies",
     "Growing": "strategies",
     "MultiTaskGrowableNetwork": "strategies",
@@ -58,6 +59,7 @@ _LAZY = {
 __all__ = [
     "Checkpoint",
     "EveryExperience",
+    "Expand",
     "FunctionNotPreservedError",
     "GrowableNetwork",
     "Growing",

@@ -6,6 +6,8 @@ Importing this package registers growth rules for Avalanche's ``IncrementalClass
 """
 
 from . import policies, resume, rules_avalanche
+from .cohort_lr import CohortLRPlugin
+from .expand import Expand
 from .growing import Growing
 from .metrics import growth_metrics
 from .multitask import MultiTaskGrowableNetwork
@@ -13,6 +15,8 @@ from .plugin import GrowthEvent, GrowthPlugin
 from .resume import ResumePlugin, load_run, save_run
 
 __all__ = [
+    "CohortLRPlugin",
+    "Expand",
     "Growing",
     "GrowthEvent",
     "GrowthPlugin",

@@ -51,11 +51,12 @@ from ..growth.distributed import (
     grow_ddp,
     shared_generator,
 )
+from ..growth.initializers import base_init
 from . import plugin_state, refusals
 from .policies import Deepen, GrowthAction, GrowthPolicy, Widen
 from .rules_avalanche import check_heads
 
-OPTIMIZER_STATES = ("carry", "reset")
+OPTIMIZER_STATES = ("carry", "scale", "copy", "zero", "reset")
 
 _SEED_HIGH = 2**63 - 1  # seeds of shared generators are drawn in [0, 2**63 - 1)
 
@@ -294,9 +295,19 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         Per-layer cap on widths: one cap for every layer, or caps by layer name (others
         uncapped). A widening stops at the smallest cap of the layers it widens together
         (status "capped").
-    optimizer_state : {"carry", "reset"}
-        "carry": the optimizer state is remapped to the grown parameters (old units keep theirs,
-        step counts keep counting). "reset": grown parameters restart with empty state.
+    optimizer_state : {"carry", "scale", "copy", "zero", "reset"}
+        "carry" (the same as "scale"): the optimizer state is remapped to the grown parameters
+        (old units keep theirs, step counts keep counting), a copied unit gets its source's
+        state scaled like its gradient, a fresh unit zero state. "copy": copies get their
+        source's state unscaled. "zero": every new unit starts from zero state, old units keep
+        theirs. "reset": grown parameters restart with empty state (old units' too).
+    init : str, optional
+        The ``init`` of every widening whose action asks for the default ("net2net"): e.g.
+        "zero", "vt" or "gradmax" (:meth:`growth.GrowableNetwork.widen`). For "gradmax" the
+        plugin passes a batch of ``gradmax_batch`` samples of the experience about to be
+        trained (mid-experience: the last minibatch) and the strategy's criterion.
+    gradmax_batch : int
+        Samples of the batch that ``init="gradmax"`` draws its gradient statistics from.
     generator : torch.Generator or int, optional
         Randomness of the unit mappings (an int seeds a new generator): same seed, same growth.
     on_refusal : {"warn", "raise"}
@@ -336,8 +347,18 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         generator: torch.Generator | int | None = None,
         on_refusal: str = "warn",
         protect: str | None = None,
+        init: str | None = None,
+        gradmax_batch: int = 256,
     ) -> None:
         super().__init__()
+        from ..growth.arguments import INITS
+
+        if init is not None and init not in INITS:
+            raise GrowthError(f"init must be one of {INITS} or None, got {init!r}")
+        if isinstance(gradmax_batch, bool) or not isinstance(gradmax_batch, int) or (
+            gradmax_batch < 1
+        ):
+            raise GrowthError(f"gradmax_batch must be an int >= 1, got {gradmax_batch!r}")
         if not isinstance(policy, GrowthPolicy):
             raise TypeError(
                 f"policy must implement before_experience and after_iteration "
@@ -358,6 +379,8 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         self.max_params = max_params
         self.max_width = max_width
         self.optimizer_state = optimizer_state
+        self.init = init
+        self.gradmax_batch = gradmax_batch
         self.generator = generator
         self.on_refusal = on_refusal
         self.protect = protect
@@ -525,9 +548,22 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
     def _init_of(self, action: Widen) -> str:
         """The ``init`` a widening uses: with ``protect`` set, "zero" in place of "net2net"
         (which a protected network refuses); other inits are left to the engine."""
-        if self.protect is not None and action.init == "net2net":
+        init = self.init if self.init is not None and action.init == "net2net" else action.init
+        if self.protect is not None and init == "net2net":
             return "zero"
-        return action.init
+        return init
+
+    def _new_unit_args(self, strategy: Any, init: str) -> dict[str, Any]:
+        """``widen``'s ``optimizer_state`` and, for ``init="gradmax"``, its batch and loss."""
+        out: dict[str, Any] = {}
+        if self.optimizer_state in ("copy", "zero"):
+            out["optimizer_state"] = self.optimizer_state
+        if init == "gradmax":
+            from .policies import experience_batch
+
+            out["batch"] = experience_batch(strategy, self.gradmax_batch, self.network(strategy))
+            out["loss_fn"] = strategy._criterion
+        return out
 
     def _check_replicas(self, net: GrowableNetwork, replicas: _Replicas, when: str) -> None:
         """``check_replicas`` of bare replicas (no DDP wrapper), a collective call."""
@@ -619,7 +655,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         plan: _Planned | None = None,
     ) -> GrowthEvent:
         plan = plan if plan is not None else _Planned()
-        optimizer = strategy.optimizer if self.optimizer_state == "carry" else None
+        optimizer = strategy.optimizer if self.optimizer_state != "reset" else None
         shared = self._phase_generator
         generator = shared if shared is not None else self.generator
         shapes = {id(p): p.shape for p in net.parameters()}
@@ -663,6 +699,7 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
                         noise=action.noise,
                         generator=generator,
                         optimizer=optimizer,
+                        **self._new_unit_args(strategy, self._init_of(action)),
                     ),
                     optimizer,
                 )
@@ -899,7 +936,8 @@ class GrowthPlugin(SupervisedPlugin, supports_distributed=True):
         """Parameter count after ``action`` (at ``width`` for a widening), counted from the
         planned shapes; measured on a copy when a rule cannot plan without data."""
         if isinstance(action, Widen):
-            return params_after_widen(net, action.layer, width, init=self._init_of(action))
+            init = base_init(self._init_of(action))  # planning needs no batch
+            return params_after_widen(net, action.layer, width, init=init)
         return params_after_deepen(net, action.layer, action.kind)
 
     def _fit_width(self, net: GrowableNetwork, action: Widen, old: int, asked: int) -> int:

@@ -347,3 +347,224 @@ class OnPlateau(GrowthPolicy):
         self.wait, self.best, self.ema = 0, math.inf, None
         self.growths += 1
         return [Widen(n, factor=self.factor) for n in one_per_group(net, self.layers)]
+
+
+# --- batches of the current experience ---------------------------------------------------------
+def experience_batch(strategy: Any, n: int, net: GrowableNetwork) -> tuple[Any, Any]:
+    """``(inputs, targets)``: up to ``n`` samples of ``strategy.experience``'s training data
+    (a seeded draw: the same samples for the same experience), on ``net``'s device; ``inputs``
+    is ``(x, task_labels)`` for a network that takes task labels (``MultiTaskModule``)."""
+    import torch
+    from avalanche.models import MultiTaskModule
+
+    data = strategy.experience.dataset
+    g = torch.Generator().manual_seed(1_000_003 * (experiences_seen(strategy) + 1))
+    idx = torch.randperm(len(data), generator=g)[:n].tolist()
+    items = [data[i] for i in idx]
+    device = next(net.parameters()).device
+    x = torch.stack([torch.as_tensor(it[0]) for it in items]).to(device)
+    y = torch.as_tensor([int(it[1]) for it in items], device=device)
+    if isinstance(net, MultiTaskModule):
+        t = torch.as_tensor([int(it[2]) for it in items], device=device)
+        return (x, t), y
+    return x, y
+
+
+# --- when to grow: one width schedule, several timings ----------------------------------------
+class ScheduledWidths(GrowthPolicy):
+    """Base of the policies that walk one list of widths (``widths[0]`` the start, the last the
+    final width) at different times: every timing ends at the same final width, by the start
+    of the last experience at the latest (``n_experiences``), so that they can be compared at
+    the same final size and epochs. ``self.step`` is the index of the width reached."""
+
+    def __init__(
+        self, widths: Sequence[int], n_experiences: int, layers: Sequence[str] | None = None
+    ) -> None:
+        widths = [int(w) for w in widths]
+        if not widths or any(w < 1 for w in widths) or widths != sorted(widths):
+            raise GrowthError(
+                f"{type(self).__name__}: widths must be a non-empty, non-decreasing list of "
+                f"positive ints (start ... final), got {widths!r}"
+            )
+        if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) or (
+            n_experiences < 1
+        ):
+            raise GrowthError(
+                f"{type(self).__name__}: n_experiences must be an int >= 1, got {n_experiences!r}"
+            )
+        self.widths = widths
+        self.n_experiences = n_experiences
+        self.layers = None if layers is None else list(layers)
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+    @property
+    def last(self) -> int:
+        return len(self.widths) - 1
+
+    def deadline(self, k: int) -> int:
+        """The least step reached before experience ``k``: one behind the periodic schedule
+        (``widths[k]`` before experience ``k``), and the final width before the last one."""
+        if k >= self.n_experiences - 1:
+            return self.last
+        return max(0, min(k - 1, self.last))
+
+    def grow_to(self, net: GrowableNetwork, step: int) -> list[GrowthAction]:
+        """Widen every group narrower than ``widths[step]`` to it; remember ``step``."""
+        self.step = max(self.step, min(step, self.last))
+        target = self.widths[self.step]
+        return [Widen(n, width=target) for n in one_per_group(net, self.layers)
+                if net.width(n) < target]
+
+
+class Early(ScheduledWidths):
+    """Reach the final width within the first ``k`` experiences: before experience ``j``
+    (``1 <= j <= k``) the width is ``widths[round(j * (len(widths) - 1) / k)]`` (front-loaded
+    growth: the large network trains longer)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        n_experiences: int,
+        k: int = 2,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(widths, n_experiences, layers)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise GrowthError(f"Early: k must be an int >= 1, got {k!r}")
+        self.k = k
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        j = experiences_seen(strategy)
+        if j == 0:
+            return []
+        return self.grow_to(net, round(min(j, self.k) * self.last / self.k))
+
+
+class PlateauWidths(ScheduledWidths):
+    """Grow one step of ``widths`` when the training loss plateaus (as :class:`OnPlateau`:
+    an EMA of the loss without improvement by ``min_delta`` for ``patience`` iterations), at
+    most once per experience, and at least as the :meth:`deadline` says (one step behind the
+    periodic schedule, the final width before the last experience)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        n_experiences: int,
+        patience: int = 20,
+        min_delta: float = 1e-3,
+        smoothing: float = 0.9,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(widths, n_experiences, layers)
+        self.plateau = OnPlateau(patience, min_delta, 2.0, layers, smoothing, max_growths=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.plateau.load_state_dict(state["plateau"])
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        self.plateau.before_experience(strategy, net)
+        j = experiences_seen(strategy)
+        return self.grow_to(net, self.deadline(j)) if j else []
+
+    def after_iteration(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        if self.step >= self.last or not self.plateau.after_iteration(strategy, net):
+            return []
+        return self.grow_to(net, self.step + 1)
+
+
+def effective_rank(features: Any) -> float:
+    """Effective rank (Roy & Vetterli 2007) of a ``[samples, units]`` matrix: ``exp`` of the
+    entropy of its normalised singular values; between 1 and ``min(samples, units)``."""
+    import torch
+
+    f = features.detach().double().reshape(features.shape[0], -1)
+    f = f - f.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(f)
+    total = float(s.sum())
+    if total <= 0:
+        return 1.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class RankWidths(ScheduledWidths):
+    """Grow one step of ``widths`` before an experience when a layer is saturated: the
+    effective rank of its outputs on ``samples`` inputs of the new experience is at least
+    ``threshold`` times its width (:func:`effective_rank`). At least as the :meth:`deadline`
+    says (one step behind the periodic schedule, the final width before the last experience).
+    ``self.utilisation`` holds the last measurement (layer -> rank / width)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        n_experiences: int,
+        threshold: float = 0.5,
+        samples: int = 256,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(widths, n_experiences, layers)
+        if not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise GrowthError(f"RankWidths: threshold must be in (0, 1], got {threshold!r}")
+        self.threshold = float(threshold)
+        self.samples = int(samples)
+        self.utilisation: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "utilisation": dict(self.utilisation)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.utilisation = {str(k): float(v) for k, v in state["utilisation"].items()}
+
+    def measure(self, strategy: Any, net: GrowableNetwork) -> dict[str, float]:
+        """Effective rank / width of every layer's outputs on the experience's samples."""
+        import torch
+
+        names = one_per_group(net, self.layers)
+        inputs, _ = experience_batch(strategy, self.samples, net)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        outs: dict[str, Any] = {}
+        handles = [
+            net.get_submodule(n).register_forward_hook(
+                lambda m, a, out, n=n: outs.__setitem__(n, out.detach())
+            )
+            for n in names
+        ]
+        was = net.training
+        try:
+            net.eval()
+            with torch.no_grad():
+                net(*inputs)
+        finally:
+            net.train(was)
+            for h in handles:
+                h.remove()
+        util = {}
+        for n in names:
+            o = outs[n]
+            o = o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o
+            util[n] = effective_rank(o) / net.width(n)
+        self.utilisation = util
+        return util
+
+    def before_experience(self, strategy: Any, net: GrowableNetwork) -> list[GrowthAction]:
+        j = experiences_seen(strategy)
+        if j == 0:
+            return []
+        step = self.deadline(j)
+        if self.step < self.last:
+            util = self.measure(strategy, net)
+            if util and max(util.values()) >= self.threshold:
+                step = max(step, self.step + 1)
+        return self.grow_to(net, step)

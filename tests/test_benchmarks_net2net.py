@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -138,3 +139,100 @@ def test_every_variant_logs_accuracy_loss_params_flops_and_hparams(
     # wider networks cost more per step
     per_step = {k: r["flops_per_step"] for k, r in seed["variants"].items()}
     assert per_step["net2wider"] == per_step["wide-scratch"] > per_step["teacher-continued"]
+
+
+def test_quick_run_compares_every_variant_with_the_control(
+    quick_run: tuple[dict, Path, Path],
+) -> None:
+    """The paired column is each run's final accuracy minus teacher-continued's, same seed."""
+    result, out_dir, _ = quick_run
+    (seed,) = result["per_seed"]
+    control = seed["variants"]["teacher-continued"]["accuracy"][-1]
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert rows["teacher-continued"]["final - control (paired)"] == "-"
+    assert rows["teacher-continued"]["gap > spread"] == "-"
+    for key, run in seed["variants"].items():
+        if key == "teacher-continued":
+            continue
+        (diff,) = result["summary"][key]["final_minus_control"]
+        assert diff == pytest.approx(run["accuracy"][-1] - control, abs=1e-12), key
+        above = int(diff > 0)
+        assert rows[key]["final - control (paired)"] == f"{diff:+.4f} ({above}/1 above)", key
+        assert rows[key]["gap > spread"] == "-", key  # one seed: no spread to compare with
+    md = (out_dir / "net2net.md").read_text()
+    assert "| final - control (paired) | gap > spread |" in md
+
+
+def test_lr_factor_cosine_runs_from_one_towards_zero() -> None:
+    from net2grow.benchmarks.net2net import lr_factor
+
+    steps = 8
+    cos = [lr_factor("cosine", k, steps) for k in range(1, steps + 1)]
+    assert cos[0] == 1.0
+    assert all(a > b for a, b in itertools.pairwise(cos))
+    assert cos[steps // 2] == pytest.approx(0.5, abs=1e-12)  # step 5 of 8: half way
+    assert 0 < cos[-1] < 0.05
+    assert {lr_factor("constant", k, steps) for k in range(1, steps + 1)} == {1.0}
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; choose one of cosine"):
+        lr_factor("linear", 1, steps)
+
+
+def test_train_uses_the_schedule_and_restores_the_learning_rate() -> None:
+    """Every SGD step sees base LR x lr_factor; afterwards the optimizer's LR is the base."""
+    import argparse
+
+    import torch
+
+    from net2grow.benchmarks import net2net
+
+    seen: list[float] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    cfg = net2net.make_config(argparse.Namespace(quick=True, eval_every=2))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (32,), generator=g)
+    data = net2net.Data(x, y, x[:8], y[:8])
+    net = net2net.SmallCNN()
+    opt = Recording(net.parameters(), lr=0.2, momentum=0.9)
+    curve = net2net.train(net, opt, data, cfg, steps=5, order_seed=0, schedule="cosine")
+    assert seen == pytest.approx([0.2 * net2net.lr_factor("cosine", k, 5) for k in range(1, 6)])
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert curve.steps == [0, 2, 4, 5]
+
+
+def test_paired_gap_exceeds_the_spread_only_when_it_is_larger_than_every_spread() -> None:
+    from net2grow.benchmarks.net2net import paired_gap
+
+    # every seed +0.005..+0.008 above; finals spread 0.005 (run) and 0.0036 (control)
+    gap = paired_gap([0.905, 0.910, 0.915], [0.900, 0.902, 0.907])
+    assert gap.mean == pytest.approx(0.007)
+    assert gap.std == pytest.approx(3e-6**0.5, rel=1e-9)
+    assert gap.spread == pytest.approx(0.005)
+    assert (gap.above, gap.n, gap.exceeds) == (3, 3, True)
+    # the same paired gap, but the finals vary by 0.01 over seeds: within the spread
+    wide = paired_gap([0.895, 0.910, 0.915], [0.890, 0.902, 0.907])
+    assert wide.mean == pytest.approx(0.007) and wide.exceeds is False
+    # below the control: never "exceeds", however steady
+    assert paired_gap([0.90, 0.90], [0.91, 0.91]).exceeds is False
+    one = paired_gap([0.9], [0.8])
+    assert (one.std, one.exceeds) == (0.0, None)
+    with pytest.raises(ValueError, match="one final accuracy per seed for both runs, got 2 and 1"):
+        paired_gap([0.9, 0.8], [0.8])
+
+
+def test_config_refuses_bad_schedule_and_teacher_width() -> None:
+    from net2grow.benchmarks import net2net
+
+    args = parse_args(["net2net", "--quick", "--teacher-width", "4", "0", "32"])
+    with pytest.raises(ValueError, match=r"--teacher-width: need three widths >= 1, got \(4, 0"):
+        net2net.make_config(args)
+    with pytest.raises(SystemExit):
+        parse_args(["net2net", "--schedule", "linear"])
+    cfg = net2net.make_config(parse_args(["net2net", "--teacher-width", "8", "16", "64"]))
+    assert (cfg.teacher_width, cfg.schedule) == ((8, 16, 64), "cosine")
+    assert (cfg.steps, cfg.teacher_steps) == (net2net.FULL["steps"], net2net.FULL["teacher_steps"])

@@ -424,7 +424,7 @@ def test_property_bad_factors_are_clean_refusals(factor: Any) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"kind": "wide"}, ["kind must be one of ('identity', 'residual'), got 'wide'"]),
+        ({"kind": "wide"}, ["kind must be one of ('identity', 'residual', 'block'), got 'wide'"]),
         ({"kind": ["identity"]}, ["kind must be one of"]),
         ({"kind": None}, ["kind must be one of"]),
         ({"activation": nn.ReLU}, ["got the class ReLU", "activation=ReLU()"]),

@@ -76,7 +76,7 @@ METHODS = frozenset(
         # shapes and views
         "chunk", "contiguous", "dim", "expand", "expand_as", "flatten", "movedim", "narrow",
         "numel", "permute", "reshape", "reshape_as", "size", "split", "squeeze", "t",
-        "transpose", "unbind", "unsqueeze", "view", "view_as",
+        "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as",
         # copies and conversions between floating types and devices
         "bfloat16", "clone", "detach", "double", "float", "half", "to", "type_as",
     }

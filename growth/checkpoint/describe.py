@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..errors import GrowthError
 from ..network import _PROBE_PREFIX, GrowableNetwork
@@ -206,16 +206,31 @@ def _describe_graph(net: GrowableNetwork) -> tuple[list[dict[str, Any]], dict[st
             if not (attr in owner._parameters or attr in owner._buffers):
                 check_attribute_name(attr, "tensor attribute")
                 attributes[str(node.target)] = value.detach()
-        nodes.append(
-            {
-                "op": node.op,
-                "name": node.name,
-                "target": str(target),
-                "args": encode(list(node.args), where),
-                "kwargs": encode(dict(node.kwargs), where),
-            }
-        )
+        entry = {
+            "op": node.op,
+            "name": node.name,
+            "target": str(target),
+            "args": encode(list(node.args), where),
+            "kwargs": encode(dict(node.kwargs), where),
+        }
+        scope = _scope(node)
+        if scope:
+            entry["scope"] = scope
+        nodes.append(entry)
     return nodes, attributes
+
+
+def _scope(node: fx.Node) -> list[str]:
+    """The paths of the modules whose ``forward`` made ``node`` (what ``deepen(kind="block")``
+    reads to find a block's nodes); empty when unknown or not storable as plain names."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [str(path) for path, _ in stack.values()]
+    try:
+        for path in paths:
+            check_path(path, "module")
+    except GrowthError:
+        return []
+    return paths
 
 
 def _probe_of(net: GrowableNetwork) -> list[Tensor]:

@@ -286,6 +286,12 @@ def build_graph(data: dict[str, Any], root: nn.Module) -> fx.Graph:
             check_local_name(key, "keyword argument")
         check_call(op, target, tuple(args), kwargs)
         nodes[name] = graph.create_node(op, target, tuple(args), kwargs, name=name)
+        scope = spec.get("scope")
+        if scope is not None:  # module paths of the node's call stack (blocks for deepen)
+            if not isinstance(scope, list) or len(scope) > 256:
+                raise _malformed(f"bad scope of node {name!r}")
+            paths = [check_path(p, "module") for p in scope]
+            nodes[name].meta["nn_module_stack"] = {p: (p, "") for p in paths}
     if specs[-1].get("op") != "output":
         raise _malformed("the graph does not end with its output")
     try:

@@ -29,6 +29,7 @@ from ._infra import (
     TensorGrowth,
 )
 from .activation import ActivationFunction, ActivationRule
+from .attention import MHA_SPEC, MultiheadAttentionRule
 from .conv import ConvRule, is_depthwise
 from .elementwise import FlattenRule, SoftmaxRule, SpatialRule
 from .functions import (
@@ -44,8 +45,12 @@ from .functions import (
     Squeeze,
     Unary,
 )
+from .heads import ScaledDotProductAttention, Split, Unflatten
+from .indexing import Expand, Index
 from .linear import EmbeddingRule, LinearRule
 from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
+from .optional import ChannelsFirstLayerNormRule, Conv1DRule
+from .residual_norm import norm_modules
 
 __all__ = [
     "ActivationFunction",
@@ -104,11 +109,6 @@ def module_rule_for(module: nn.Module) -> ModuleRule | None:
         if cls is nn.Module:
             break
     return None
-
-
-class _GetItem(FunctionRule):
-    def infer(self, ctx, node):  # type: ignore[override]
-        return None if ctx.shape(node) is None else ctx.opaque(node, "indexes a tensor")
 
 
 def module_spec_for(module_type: type) -> ModuleSpec | None:
@@ -181,6 +181,12 @@ _BUILTIN_LAYERS: list[tuple[tuple[type[nn.Module], ...], ModuleRule, tuple[str, 
         (nn.LayerNorm,),
         LayerNormRule(),
         ("normalized_shape", "eps", "elementwise_affine", "bias"),
+        {},
+    ),
+    (
+        norm_modules()[1:],  # nn.RMSNorm (torch >= 2.4)
+        LayerNormRule(),
+        ("normalized_shape", "eps", "elementwise_affine"),
         {},
     ),
     (
@@ -316,7 +322,12 @@ _BUILTIN_FUNCTIONS: list[tuple[tuple[Callable, ...], FunctionRule]] = [
     ((torch.squeeze, torch.unsqueeze), _SQUEEZE),
     ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), _SOFTMAX),
     ((getattr,), _NON_TENSOR),
-    ((operator.getitem,), _GetItem()),
+    ((torch.arange,), _NON_TENSOR),  # positions: a tensor without channels
+    ((operator.getitem,), Index()),
+    ((torch.rsqrt,), _UNARY),
+    ((F.scaled_dot_product_attention,), ScaledDotProductAttention()),
+    ((torch.unflatten,), Unflatten()),
+    ((torch.split, torch.chunk), Split()),
 ]
 
 #: The built-in tensor methods: (names, rule).
@@ -326,7 +337,8 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
     (("tanh", "tanh_"), _TANH),
     (
         (
-            "exp", "abs", "neg", "sqrt", "square", "contiguous", "clone", "detach", "float",
+            "exp", "abs", "neg", "sqrt", "rsqrt", "square", "contiguous", "clone", "detach",
+            "float",
             "double", "half", "bfloat16", "to", "type_as",
         ),
         _UNARY,
@@ -346,6 +358,9 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
     (("squeeze", "unsqueeze"), _SQUEEZE),
     (("softmax", "log_softmax"), _SOFTMAX),
     (("size", "dim", "numel"), _NON_TENSOR),
+    (("expand",), Expand()),
+    (("unflatten",), Unflatten()),
+    (("split", "chunk"), Split()),
 ]
 # fmt: on
 
@@ -358,6 +373,16 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
 #: module when traced: ``tracing.trace_both_modes``.)
 _OPTIONAL_LAYERS: list[tuple[str, str, str, ModuleRule, tuple[str, ...]]] = [
     ("torchvision", "torchvision.ops", "StochasticDepth", PassThroughRule(), ("p", "mode")),
+    # ConvNeXt's LayerNorm2d: an nn.LayerNorm subclass normalising dim 1 (rules/optional.py)
+    (
+        "torchvision",
+        "torchvision.models.convnext",
+        "LayerNorm2d",
+        ChannelsFirstLayerNormRule(),
+        ("normalized_shape", "eps", "elementwise_affine", "bias"),
+    ),
+    # Hugging Face's Conv1D (GPT-2): a Linear layer with its weight transposed
+    ("transformers", "transformers.pytorch_utils", "Conv1D", Conv1DRule(), ("nf", "nx")),
 ]
 _OPTIONAL_PENDING = {pkg for pkg, *_ in _OPTIONAL_LAYERS}
 
@@ -386,6 +411,7 @@ def _register_builtins() -> None:
     for types, rule, args, omit in _BUILTIN_LAYERS:
         for t in types:
             register_module_rule(t, rule, spec=ModuleSpec(args, omit_if_default=dict(omit)))
+    register_module_rule(nn.MultiheadAttention, MultiheadAttentionRule(), spec=MHA_SPEC)
 
     for functions, rule in _BUILTIN_FUNCTIONS:
         for fn in functions:

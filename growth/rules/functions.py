@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import fx
 
 from ._infra import FunctionRule
+from .heads import merge_heads, permute_heads, reshape_heads
+from .residual_norm import normalise_channels
 from .shape_ops import flatten_layout, normalise_dim, reshape_layout
 
 
@@ -19,6 +21,7 @@ class Unary(FunctionRule):
 
     #: Methods whose other tensor operands supply only a dtype or a device.
     METADATA_ONLY = frozenset({"to", "type_as"})
+    heads_aware = True  # elementwise: attention heads pass through alike
 
     def infer(self, ctx, node):  # type: ignore[override]
         first = node.args[0] if node.args else None
@@ -52,7 +55,7 @@ class Elementwise(FunctionRule):
         if out_shape is None:
             return None
         operands = [a for a in node.all_input_nodes if ctx.shape(a) is not None]
-        carrying, out_dim = [], None
+        carrying, carried, out_dim = [], set(), None
         for a in operands:
             lay, shape = ctx.layout(a), ctx.shape(a)
             if lay is None:
@@ -65,10 +68,11 @@ class Elementwise(FunctionRule):
                 return ctx.opaque(node, "joins tensors whose channels lie on different dims")
             out_dim = dim
             carrying.append(lay.with_dim(dim))
+            carried.add(a)
         if not carrying:
             return ctx.fixed(node, f"output of {node.name}")
-        for a in operands:  # constants and parameters of full channel size
-            if ctx.layout(a) is None:
+        for a in operands:  # constants, parameters, tensors broadcast: of full channel size?
+            if a not in carried:
                 shape = ctx.shape(a)
                 k = out_dim - (len(out_shape) - len(shape))
                 if 0 <= k < len(shape) and shape[k] != 1:
@@ -99,7 +103,10 @@ class Cat(FunctionRule):
 
 
 class Flatten(FunctionRule):
-    """``torch.flatten(x, start, end)`` and ``x.flatten(start, end)``."""
+    """``torch.flatten(x, start, end)`` and ``x.flatten(start, end)`` (attention heads merged
+    back into channels: ``a.transpose(1, 2).flatten(-2)``)."""
+
+    heads_aware = True
 
     def infer(self, ctx, node):  # type: ignore[override]
         src = node.args[0]
@@ -108,13 +115,26 @@ class Flatten(FunctionRule):
             return ctx.fixed(node, f"output of {node.name}")
         start = ctx.arg(node, 1, "start_dim", 0)
         end = ctx.arg(node, 2, "end_dim", -1)
+        if layout.inner is not None:
+            out_shape = ctx.shape(node)
+            s, e = normalise_dim(start, len(shape)), normalise_dim(end, len(shape))
+            if (s, e) != (layout.dim, layout.inner) or out_shape is None:
+                return ctx.opaque(node, "flattens attention heads with other dimensions")
+            return merge_heads(ctx, node, layout, shape, out_shape, None)
         return flatten_layout(ctx, node, layout, shape, start, end)
 
 
 class Reshape(FunctionRule):
-    """``view``/``reshape``: followed through shapes; literal channel counts are refused."""
+    """``view``/``reshape``: followed through shapes; literal channel counts are refused.
+    Channels split into attention heads (and merged back) are followed by
+    :func:`~growth.rules.heads.reshape_heads`."""
+
+    heads_aware = True
 
     def infer(self, ctx, node):  # type: ignore[override]
+        heads = reshape_heads(ctx, node)
+        if heads is not False:
+            return heads
         src = node.args[0]
         layout, in_shape, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
         if layout is None or out_shape is None:
@@ -123,10 +143,16 @@ class Reshape(FunctionRule):
         if result is None:
             return result
         sizes = list(node.args[1:])
-        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
+        if packed:
             sizes = list(sizes[0])
         if len(sizes) == len(out_shape) and not isinstance(sizes[result.dim], fx.Node):
-            if sizes[result.dim] != -1:
+            if sizes[result.dim] == result.size:
+                # a channel count written as a number (torchvision's ViT: reshape(n, hidden, -1)):
+                # widen rewrites it in the graph
+                where = (1, result.dim) if packed else (1 + result.dim, None)
+                ctx.literals.append((node, where, result))
+            elif sizes[result.dim] != -1:
                 ctx.spaces.block_layout(
                     result,
                     f"{node.name} = .{node.target}(...) hard-codes the channel count "
@@ -150,6 +176,14 @@ class Reduce(FunctionRule):
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [normalise_dim(d, len(shape)) for d in dims]
         if layout.dim in dims:
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            if name == "mean" and keepdim is True:
+                # a statistic over the channels (a traced RMSNorm or LayerNorm): exact under
+                # uniform replication; its one value per position grows no further
+                from ..analysis import describe
+
+                normalise_channels(ctx, layout, describe(node))
+                return ctx.fixed(node, f"a mean over the channels ({node.name})", layout.dim)
             return ctx.opaque(node, "reduces over the channels")
         if keepdim:
             return layout
@@ -157,7 +191,10 @@ class Reduce(FunctionRule):
 
 
 class Permute(FunctionRule):
-    """``permute``/``transpose``/``movedim``: the channel dim moves with its tensor dim."""
+    """``permute``/``transpose``/``movedim``: the channel dim moves with its tensor dim (both
+    dims of attention heads do)."""
+
+    heads_aware = True
 
     def infer(self, ctx, node):  # type: ignore[override]
         src = node.args[0]
@@ -171,15 +208,23 @@ class Permute(FunctionRule):
             if len(perm) == 1 and isinstance(perm[0], (list, tuple)):
                 perm = perm[0]
             perm = [normalise_dim(p, ndim) for p in perm]
-            return layout.with_dim(perm.index(layout.dim))
-        a = normalise_dim(ctx.arg(node, 1, "dim0"), ndim)
-        b = normalise_dim(ctx.arg(node, 2, "dim1"), ndim)
-        if name == "movedim":
-            order = [d for d in range(ndim) if d != a]
-            order.insert(b, a)
-            return layout.with_dim(order.index(layout.dim))
-        swap = {a: b, b: a}
-        return layout.with_dim(swap.get(layout.dim, layout.dim))
+            where = perm.index
+        else:
+            a = normalise_dim(ctx.arg(node, 1, "dim0"), ndim)
+            b = normalise_dim(ctx.arg(node, 2, "dim1"), ndim)
+            if name == "movedim":
+                order = [d for d in range(ndim) if d != a]
+                order.insert(b, a)
+                where = order.index
+            else:
+                swap = {a: b, b: a}
+
+                def where(d: int) -> int:
+                    return swap.get(d, d)
+
+        if layout.inner is not None:
+            return permute_heads(layout, where)
+        return layout.with_dim(where(layout.dim))
 
 
 class Squeeze(FunctionRule):

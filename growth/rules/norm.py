@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import UnsupportedLayerError
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
+from .residual_norm import NormRule
 
 
 class ChannelwiseRule(ModuleRule):
@@ -48,20 +49,9 @@ class PReLURule(ChannelwiseRule):
         return super().grow(module, in_map, out_map, in_size, out_size)
 
 
-class LayerNormRule(ModuleRule):
-    """LayerNorm is exact when it normalises dimensions other than channels; refused otherwise."""
-
-    def infer(self, ctx, name, module, node):  # type: ignore[override]
-        layout, shape = ctx.layout(node.args[0]), ctx.shape(node.args[0])
-        if layout is not None and shape is not None:
-            if layout.dim >= len(shape) - len(module.normalized_shape):
-                reason = (
-                    f"layer {name!r} (LayerNorm) normalises over the channels: replicated units "
-                    f"would change its mean and variance. Put the growth before or after it"
-                )
-                ctx.spaces.block_layout(layout, reason, UnsupportedLayerError)
-                return ctx.fixed(node, f"output of {name!r}", layout.dim)
-        return ctx.passthrough(node)
+class LayerNormRule(NormRule):
+    """LayerNorm (and RMSNorm): exact over other dimensions than the channels, and over the
+    channels for growth by integer multiples (``residual_norm``)."""
 
 
 class GroupNormRule(ModuleRule):

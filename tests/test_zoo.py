@@ -1,0 +1,41 @@
+"""The model zoo, small: growth on models nobody here wrote is exact or refused, never silent."""
+
+from __future__ import annotations
+
+import pytest
+
+from net2grow.benchmarks.zoo import MODELS, exact_width, run_model, table_row
+
+#: Exact trials out of all, measured on this sample (see the zoo command for the full one); the
+#: floor sits below the measured fraction so that an engine change can only be caught worse.
+FLOOR = {
+    "torchvision ViT (small config)": 0.2,  # measured 2 of 8 (MultiheadAttention, output head)
+    "mobilenet_v3_small": 0.75,  # measured 8 of 8
+    "efficientnet_b0": 0.75,  # measured 8 of 8
+    "timm vit_tiny_patch16_224": 0.75,  # measured 8 of 8
+    "HF BERT (tiny)": 0.75,  # measured 8 of 8
+    "HF GPT-2 (tiny)": 0.2,  # measured 2 of 8 (Conv1D has no rule; tied lm_head refused)
+}
+
+
+@pytest.mark.parametrize("name", list(FLOOR))
+def test_zoo_sample_grows_exactly_or_refuses(name: str) -> None:
+    (entry,) = [m for m in MODELS if m.name == name]
+    if entry.needs != "torchvision":
+        pytest.importorskip(entry.needs)
+    result = run_model(entry, layers=2, seed=0)
+    assert result["status"] == "ok", result["status"]
+    row = table_row(result)
+    bad = [t for t in result["trials"] if t["outcome"] in ("silent", "crash")]
+    assert not bad, bad
+    assert row["trials"] == 8  # 2 layers x (widen, deepen) x (eval, train)
+    assert row["exact"] / row["trials"] >= FLOOR[name], result["trials"]
+    for t in result["trials"]:
+        if t["outcome"] == "refused":
+            assert t["message"].split(":")[0].endswith("Error") and len(t["message"]) > 40
+
+
+def test_exact_width_reads_the_engines_refusal() -> None:
+    msg = "cannot widen 'x' from 192 to 288: ... Exact widths for this layer: 384, 576, 768, ..."
+    assert exact_width(msg, 192) == 384
+    assert exact_width("cannot widen 'x': it is the output", 192) is None
