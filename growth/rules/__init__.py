@@ -31,7 +31,7 @@ from ._infra import (
 from .activation import ActivationFunction, ActivationRule
 from .attention import MHA_SPEC, MultiheadAttentionRule
 from .conv import ConvRule, is_depthwise
-from .elementwise import FlattenRule, SoftmaxRule, SpatialRule
+from .elementwise import FlattenRule, SoftmaxRule, SpatialRule, UnflattenRule
 from .functions import (
     Cat,
     Elementwise,
@@ -264,6 +264,7 @@ _BUILTIN_LAYERS: list[tuple[tuple[type[nn.Module], ...], ModuleRule, tuple[str, 
         {},
     ),
     ((nn.Flatten,), FlattenRule(), ("start_dim", "end_dim"), {}),
+    ((nn.Unflatten,), UnflattenRule(), ("dim", "unflattened_size"), {}),
     ((nn.Softmax, nn.LogSoftmax), SoftmaxRule(), ("dim",), {}),
 ]
 

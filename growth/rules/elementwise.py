@@ -27,6 +27,16 @@ class FlattenRule(ModuleRule):
         return flatten_layout(ctx, node, layout, shape, module.start_dim, module.end_dim)
 
 
+class UnflattenRule(ModuleRule):
+    """``nn.Unflatten`` of a network's input (a flat image made 2-D): its units never grow. On
+    units that can grow (the output of a growable layer) it is refused."""
+
+    def infer(self, ctx, name, module, node):  # type: ignore[override]
+        if ctx.layout(node.args[0]) is None:
+            return ctx.fixed(node, f"output of {name!r}")
+        return ctx.opaque(node, "splits the dimension of growable units")
+
+
 class SoftmaxRule(ModuleRule):
     """Softmax over channels mixes units (refused); over another dimension it passes through."""
 
@@ -39,4 +49,4 @@ class SoftmaxRule(ModuleRule):
         return ctx.passthrough(node)
 
 
-__all__ = ["FlattenRule", "PassThroughRule", "SoftmaxRule", "SpatialRule"]
+__all__ = ["FlattenRule", "PassThroughRule", "SoftmaxRule", "SpatialRule", "UnflattenRule"]
