@@ -87,8 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps (default: 5%% of the steps)")
     g.add_argument("--context", type=int, default=64, help="bytes per sequence (%(default)s)")
-    g.add_argument("--heads", type=int, nargs=2, default=[4, 4], metavar=("SMALL", "LARGE"))
-    g.add_argument("--d-model", type=int, nargs=2, default=[64, 64], metavar=("SMALL", "LARGE"),
+    g.add_argument("--heads", type=int, nargs=2, default=[4, 8], metavar=("SMALL", "LARGE"),
+                   help="attention heads of the small and the large model (default %(default)s)")
+    g.add_argument("--d-model", type=int, nargs=2, default=[32, 64], metavar=("SMALL", "LARGE"),
                    help="hidden size of the small and the large model (default %(default)s)")
     g.add_argument("--layers", type=int, nargs=2, default=[2, 4], metavar=("SMALL", "LARGE"),
                    help="blocks of the small and the large model (default %(default)s)")
@@ -113,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(f"--grow-at must be in (0, 1), got {args.grow_at}")
     small = GPTConfig(args.d_model[0], args.layers[0], args.heads[0], args.d_ff[0], args.context)
     large = GPTConfig(args.d_model[1], args.layers[1], args.heads[1], args.d_ff[1], args.context)
-    if any(getattr(large, f) < getattr(small, f) for f in ("d_model", "n_layers", "d_ff")):
+    if any(getattr(large, f) < getattr(small, f)
+           for f in ("d_model", "n_layers", "d_ff", "n_heads")):
         raise SystemExit("the large model must be at least the small one in every size")
     return Config(seeds=list(seeds), steps=steps, batch_size=pick("batch_size"),
                   eval_every=pick("eval_every"), corpus_bytes=pick("corpus_bytes"),
@@ -145,7 +147,9 @@ def val_loss(model: nn.Module, windows: Tensor) -> float:
 def growth_operations(small: GPTConfig, large: GPTConfig) -> list[tuple[str, str, dict]]:
     """``(method, layer, kwargs)`` growth calls that turn ``small`` into ``large``'s shape.
 
-    FFN width, hidden size and heads first, then depth, so that new blocks copy grown blocks.
+    FFN width, hidden size (``widen("tok")``: the residual stream, an integer multiple of the
+    small width, since LayerNorm normalises over it) and heads (``widen_heads`` on each block's
+    ``q``; ``k`` and ``v`` follow) first, then depth, so that new blocks copy grown blocks.
     Depth uses ``kind="block"`` (an identity transformer block) where the engine has it, else a
     zero residual MLP after each block's FFN (``kind="residual"``).
     """
@@ -154,7 +158,7 @@ def growth_operations(small: GPTConfig, large: GPTConfig) -> list[tuple[str, str
         ops += [("widen", f"blocks.{i}.fc1", {"width": large.d_ff})
                 for i in range(small.n_layers)]
     if large.d_model > small.d_model:
-        ops.append(("widen", "blocks.0.proj", {"width": large.d_model}))
+        ops.append(("widen", "tok", {"width": large.d_model}))
     if large.n_heads > small.n_heads:
         ops += [("widen_heads", f"blocks.{i}.q", {"heads": large.n_heads})
                 for i in range(small.n_layers)]

@@ -25,6 +25,9 @@ VARIANTS: dict[str, str] = {
     "early": "same widths, reached within the first 2 experiences",
     "plateau": "one width step when the loss plateaus, at latest one step behind schedule",
     "rank": "one width step when a layer's effective rank >= 0.5 x width, same deadline",
+    "early_vt": "early, with new units in (V,V)/(Z,-Z) pairs (init='vt')",
+    "plateau_vt": "plateau, with new units in (V,V)/(Z,-Z) pairs (init='vt')",
+    "rank_vt": "rank, with new units in (V,V)/(Z,-Z) pairs (init='vt')",
 }
 
 
@@ -70,5 +73,8 @@ def growth_plugins(
         "early": lambda: [grow(Early(widths, n_experiences, k=2))],
         "plateau": lambda: [grow(PlateauWidths(widths, n_experiences))],
         "rank": lambda: [grow(RankWidths(widths, n_experiences))],
+        "early_vt": lambda: [grow(Early(widths, n_experiences, k=2), init="vt")],
+        "plateau_vt": lambda: [grow(PlateauWidths(widths, n_experiences), init="vt")],
+        "rank_vt": lambda: [grow(RankWidths(widths, n_experiences), init="vt")],
     }
     return builders[variant]()

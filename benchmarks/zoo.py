@@ -3,11 +3,24 @@
 For each model (torchvision ViT, Swin, ConvNeXt, EfficientNet, RegNet, MobileNetV3; timm ViT;
 Hugging Face GPT-2 and BERT, tiny configurations with attention dropout 0 — their attention
 passes ``self.training`` into the attention call, so its dropout would fix the graph to one
-mode — when those libraries are installed) a seeded
-sample of its layers (every ``Linear``/``Conv``/``Embedding``-like module the graph calls, the
-output layer included) is widened (factor 1.5, or the next exact width the engine names) and
-deepened (``kind="residual"``), with the network in eval mode and in train mode. Every trial
-runs with ``verify=False`` and is judged by its own output comparison:
+mode — when those libraries are installed) a seeded sample of its layers is widened (factor
+1.5, or the next exact width the engine names) and deepened (``kind="residual"``: a zero
+residual block after the layer, which the engine documents as exact after any layer it can
+copy), with the network in eval mode and in train mode.
+
+The sampling rule (:func:`candidate_layers`): every module with a layer rule (``Linear``,
+``Conv``, ``Embedding``, ``nn.MultiheadAttention``, Hugging Face ``Conv1D``, ...) and every
+module of another type that owns a weight matrix, whether or not the graph can grow it.
+Submodules of a module that has a rule of its own (``nn.MultiheadAttention``'s ``out_proj``)
+are not candidates: they are not layers of the graph, their owner is, and growing it grows
+them. Layers whose weights a function reads (Swin's ``shifted_window_attention``) stay
+candidates and count as refusals. Output layers (:func:`output_layers`: their units are the
+network's output, such as a classifier or a language model's head) are sampled like any other
+layer and deepened, but not widened: their width is the task's (classes, vocabulary), so
+widening them changes the function by definition; that trial is reported as ``n/a`` and left
+out of the counts.
+
+Every trial runs with ``verify=False`` and is judged by its own output comparison:
 
 - ``exact``: the outputs in that mode are unchanged (within 1e-5 of their scale);
 - ``refused``: a ``GrowthError`` (the network is left as it was);

@@ -246,11 +246,19 @@ class AnalysisContext:
         return layout
 
     def opaque(self, node: fx.Node, why: str = "has no growth rule") -> Layout | None:
-        """Block every input space of ``node``; its output units are fixed."""
+        """Block every input space of ``node``; its output units are fixed, on the channel dim
+        of its first input of the same shape (channels-last stays channels-last), else dim 1."""
         reason = f"{describe(node)} {why}; {REGISTER_HINT}"
+        dim, shape = 1, self.shape(node)
         for arg in node.all_input_nodes:
             self.spaces.block_layout(self.layout(arg), reason, UnsupportedLayerError)
-        return self.fixed(node, f"output of {describe(node)}")
+        for arg in node.all_input_nodes:
+            lay = self.layout(arg)
+            same = shape is not None and self.shape(arg) == shape
+            if lay is not None and lay.inner is None and same:
+                dim = lay.dim
+                break
+        return self.fixed(node, f"output of {describe(node)}", dim)
 
     def join(self, layouts: list[Layout], node: fx.Node) -> Layout | None:
         """Merge layouts that must carry the same units (elementwise ops, shared layers)."""

@@ -44,20 +44,28 @@ try:
 except PackageNotFoundError:  # a source checkout that was never installed
     __version__ = "0+unknown"
 
-#: Names taken from net2grow.strategies on first use (it imports avalanche-lib).
+#: Names loaded on first use (net2grow.strategies imports avalanche-lib).
 _LAZY = {
+    "CohortLR": "growth.cohorts",
+    "CohortLRPlugin": "strategies",
     "Expand": "strategies",
     "GrowthPlugin": "strategies",
     "Growing": "strategies",
     "MultiTaskGrowableNetwork": "strategies",
     "growth_metrics": "strategies",
     "EveryExperience": "strategies.policies",
+    "Early": "strategies.policies",
     "NewClasses": "strategies.policies",
     "OnPlateau": "strategies.policies",
+    "PlateauWidths": "strategies.policies",
+    "RankWidths": "strategies.policies",
 }
 
 __all__ = [
     "Checkpoint",
+    "CohortLR",
+    "CohortLRPlugin",
+    "Early",
     "EveryExperience",
     "Expand",
     "FunctionNotPreservedError",
@@ -69,6 +77,8 @@ __all__ = [
     "MultiTaskGrowableNetwork",
     "NewClasses",
     "OnPlateau",
+    "PlateauWidths",
+    "RankWidths",
     "TraceError",
     "UnsupportedLayerError",
     "__version__",

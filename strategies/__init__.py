@@ -5,6 +5,7 @@ Importing this package registers growth rules for Avalanche's ``IncrementalClass
 ``GrowableNetwork`` around a model with such heads.
 """
 
+from ..growth.cohorts import CohortLR
 from . import policies, resume, rules_avalanche
 from .cohort_lr import CohortLRPlugin
 from .expand import Expand
@@ -12,15 +13,20 @@ from .growing import Growing
 from .metrics import growth_metrics
 from .multitask import MultiTaskGrowableNetwork
 from .plugin import GrowthEvent, GrowthPlugin
+from .policies import Early, PlateauWidths, RankWidths
 from .resume import ResumePlugin, load_run, save_run
 
 __all__ = [
+    "CohortLR",
     "CohortLRPlugin",
+    "Early",
     "Expand",
     "Growing",
     "GrowthEvent",
     "GrowthPlugin",
     "MultiTaskGrowableNetwork",
+    "PlateauWidths",
+    "RankWidths",
     "ResumePlugin",
     "growth_metrics",
     "load_run",

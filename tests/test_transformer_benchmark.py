@@ -36,7 +36,7 @@ def test_flops_per_token_counts_matrices_and_attention() -> None:
 
 def test_growth_of_the_gpt_keeps_its_loss() -> None:
     torch.manual_seed(0)
-    small, large = GPTConfig(32, 1, 2, 32, 16), GPTConfig(32, 3, 2, 96, 16)
+    small, large = GPTConfig(16, 1, 2, 32, 16), GPTConfig(32, 3, 4, 96, 16)
     _, val = stdlib_corpus(40_000)
     windows = val_windows(val, 16, 8)
     net = GrowableNetwork(GPT(small), windows)
@@ -50,11 +50,16 @@ def test_growth_of_the_gpt_keeps_its_loss() -> None:
     events = grow(net, growth_operations(small, large), opt, windows,
                   torch.Generator().manual_seed(0))
     grown = [e for e in events if e["status"] == "grown"]
-    assert len(grown) == len(events) == 3  # FFN width, then two blocks of depth
+    # FFN width, hidden size, heads, then two blocks of depth
+    assert [e["op"] for e in events] == ["widen", "widen", "widen_heads", "deepen", "deepen"]
+    assert len(grown) == len(events), events
     for e in grown:
         assert e["rel_loss_change"] <= 1e-5, e
     assert net.num_parameters() > params
     assert net.get_submodule("blocks.0.fc1").out_features == 96
+    assert net.get_submodule("tok").embedding_dim == 32
+    assert net.get_submodule("blocks.0.q").out_features == 32  # 4 heads of width 8
+    assert net.num_parameters() == sum(p.numel() for p in GPT(large).parameters())  # its shape
     # the optimizer holds every grown parameter and keeps training it
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(p) in held for p in net.parameters())
