@@ -58,7 +58,13 @@ COLUMNS = [
     "method", "hidden", "widths", "final_acc", "forgetting", "params", "memory_kb", "gflops",
     "seconds",
 ]  # fmt: skip
-DEFAULT_METHODS = tuple(m for m in (*FIXED, *GROWING) if m != "pnn")
+#: every fixed and plain grow-* method but pnn (task-incremental only), the recommended growth
+#: variant and the DER-style expansion
+DEFAULT_METHODS = (
+    *(m for m in (*FIXED, *GROWING) if m != "pnn"),
+    "grow-replay-vtinit",
+    "expand",
+)
 
 #: TensorBoard tags every run of every method has (scalars, plotted against the step named).
 TB_TAGS = {
@@ -104,8 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated methods: {', '.join(FIXED)}; grow-<base> and "
         f"grow-<base>-<variant> for base in {', '.join(GROWING_BASES)} and variant in "
         f"{', '.join(variant_names())}; expansion: {', '.join(expansion_names())} "
-        f"(default: all fixed and grow-<base> methods but pnn, "
-        f"which needs --scenario task: %(default)s)",
+        f"(default: the fixed and grow-<base> methods but pnn, which needs --scenario task, "
+        f"plus grow-replay-vtinit and expand: %(default)s)",
     )
     g.add_argument(
         "--model",

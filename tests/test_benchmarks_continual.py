@@ -261,8 +261,9 @@ def test_help_gives_every_default_and_the_files_written(capsys) -> None:
         "exact final width (default: 64)",
         "--data-root DATA_ROOT folder with Fashion-MNIST's IDX files",
         "default: none, read Debian's /usr/share/datasets/fashion-mnist",
-        "(default: all fixed and grow-<base> methods but pnn, which needs --scenario task: "
-        "naive-small,naive-large,ewc,lwf,replay,joint,grow-naive,grow-replay,grow-ewc)",
+        "(default: the fixed and grow-<base> methods but pnn, which needs --scenario task, plus "
+        "grow-replay-vtinit and expand: naive-small,naive-large,ewc,lwf,replay,joint,grow-naive,"
+        "grow-replay,grow-ewc,grow-replay-vtinit,expand)",
         "--model {mlp,cnn} model family",
         "results/continual-<stream>-<scenario>-curves.png",
         "runs/continual/<stream>-<scenario>/<method>-s<seed>/",
