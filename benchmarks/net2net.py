@@ -903,11 +903,12 @@ def comparison_line(summary: dict[str, dict[str, Any]], key: str = "net2wider") 
     gap = gap_to_control(summary, key)
     if gap is None:
         return f"{key} is the control"
-    verdict = {True: "yes", False: "no", None: "- (one seed)"}[gap.exceeds]
+    if gap.exceeds is None:
+        return f"{key} - teacher-continued, final accuracy: {gap.mean:+.4f} (one seed: no spread)"
     return (
         f"{key} - teacher-continued, final accuracy: {gap.mean:+.4f} ± {gap.std:.4f} "
-        f"(paired over {gap.n} seed(s), above in {gap.above}/{gap.n}); largest spread "
-        f"{gap.spread:.4f}; gap exceeds the spread: {verdict}"
+        f"(paired over {gap.n} seeds, above in {gap.above}/{gap.n}); largest spread "
+        f"{gap.spread:.4f}; gap exceeds the spread: {'yes' if gap.exceeds else 'no'}"
     )
 
 

@@ -236,3 +236,23 @@ def test_config_refuses_bad_schedule_and_teacher_width() -> None:
     cfg = net2net.make_config(parse_args(["net2net", "--teacher-width", "8", "16", "64"]))
     assert (cfg.teacher_width, cfg.schedule) == ((8, 16, 64), "cosine")
     assert (cfg.steps, cfg.teacher_steps) == (net2net.FULL["steps"], net2net.FULL["teacher_steps"])
+
+
+def test_comparison_line_states_the_verdict() -> None:
+    from net2grow.benchmarks.net2net import comparison_line
+
+    summary = {
+        "teacher-continued": {
+            "final_accuracy": [0.900, 0.902, 0.907],
+            "final_minus_control": [None, None, None],
+        },
+        "net2wider": {
+            "final_accuracy": [0.905, 0.910, 0.915],
+            "final_minus_control": [0.005, 0.008, 0.008],
+        },
+    }
+    assert comparison_line(summary) == (
+        "net2wider - teacher-continued, final accuracy: +0.0070 ± 0.0017 (paired over 3 seeds, "
+        "above in 3/3); largest spread 0.0050; gap exceeds the spread: yes"
+    )
+    assert comparison_line(summary, "teacher-continued") == "teacher-continued is the control"
