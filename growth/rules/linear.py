@@ -12,33 +12,42 @@ from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
 
 
 class LinearRule(ModuleRule):
-    """``y = x W^T + b``: rows of ``W`` and ``b`` are output units, columns of ``W`` input units."""
+    """``y = x W^T + b``: rows of ``W`` and ``b`` are output units, columns of ``W`` input units.
+
+    Subclasses for linear layers that store their weight another way (Hugging Face's ``Conv1D``)
+    name their size attributes and weight axes in the class attributes below.
+    """
 
     is_layer = True
+    label = "Linear"
+    in_attr, out_attr = "in_features", "out_features"
+    in_axis, out_axis = 1, 0  # the weight's axes of input and output units
 
     def infer(self, ctx, name, module, node):  # type: ignore[override]
         src = node.args[0]
         layout, shape = ctx.layout(src), ctx.shape(src)
         if layout is not None and shape is not None and layout.dim != len(shape) - 1:
             ctx.spaces.block_layout(
-                layout, f"layer {name!r} (Linear) is applied along a dimension that is not channels"
+                layout,
+                f"layer {name!r} ({self.label}) is applied along a dimension that is not channels",
             )
         out_shape = ctx.shape(node)
-        space = ctx.module_space(name, module.out_features)
-        return Layout(len(out_shape) - 1, (Segment(space, module.out_features),))
+        width = self.width(module)
+        space = ctx.module_space(name, width)
+        return Layout(len(out_shape) - 1, (Segment(space, width),))
 
     def width(self, module):  # type: ignore[override]
-        return module.out_features
+        return getattr(module, self.out_attr)
 
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         update = ModuleUpdate()
         w_steps = []
         if in_map is not None:
-            w_steps.append(AxisStep(1, in_map, "in"))
-            update.attrs["in_features"] = in_size
+            w_steps.append(AxisStep(self.in_axis, in_map, "in"))
+            update.attrs[self.in_attr] = in_size
         if out_map is not None:
-            w_steps.append(AxisStep(0, out_map, "out"))
-            update.attrs["out_features"] = out_size
+            w_steps.append(AxisStep(self.out_axis, out_map, "out"))
+            update.attrs[self.out_attr] = out_size
             if module.bias is not None:
                 update.tensors["bias"] = TensorGrowth([AxisStep(0, out_map, "out")], fresh="zeros")
         update.tensors["weight"] = TensorGrowth(w_steps)
@@ -50,7 +59,7 @@ class LinearRule(ModuleRule):
 
     def set_identity(self, module):  # type: ignore[override]
         with torch.no_grad():
-            module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
+            module.weight.copy_(torch.eye(self.width(module), dtype=module.weight.dtype))
             module.bias.zero_()
 
 

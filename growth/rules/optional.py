@@ -12,56 +12,23 @@ once their package has been imported).
 
 from __future__ import annotations
 
-import torch
-
-from ..layout import Layout, Segment
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleUpdate, TensorGrowth
+from .linear import LinearRule
 from .residual_norm import normalise_channels
 
 
-class Conv1DRule(ModuleRule):
+class Conv1DRule(LinearRule):
     """``y = x W + b`` along the last dimension: columns of ``W`` and ``b`` are output units,
-    rows of ``W`` input units."""
+    rows of ``W`` input units (a :class:`LinearRule` with the weight's axes swapped)."""
 
-    is_layer = True
-
-    def infer(self, ctx, name, module, node):  # type: ignore[override]
-        src = node.args[0]
-        layout, shape = ctx.layout(src), ctx.shape(src)
-        if layout is not None and shape is not None and layout.dim != len(shape) - 1:
-            ctx.spaces.block_layout(
-                layout, f"layer {name!r} (Conv1D) is applied along a dimension that is not channels"
-            )
-        out_shape = ctx.shape(node)
-        space = ctx.module_space(name, module.nf)
-        return Layout(len(out_shape) - 1, (Segment(space, module.nf),))
-
-    def width(self, module):  # type: ignore[override]
-        return module.nf
-
-    def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
-        update = ModuleUpdate()
-        w_steps = []
-        if in_map is not None:
-            w_steps.append(AxisStep(0, in_map, "in"))
-            update.attrs["nx"] = in_size
-        if out_map is not None:
-            w_steps.append(AxisStep(1, out_map, "out"))
-            update.attrs["nf"] = out_size
-            if module.bias is not None:
-                update.tensors["bias"] = TensorGrowth([AxisStep(0, out_map, "out")], fresh="zeros")
-        update.tensors["weight"] = TensorGrowth(w_steps)
-        return update
+    label = "Conv1D"
+    in_attr, out_attr = "nx", "nf"
+    in_axis, out_axis = 0, 1
 
     def square_like(self, module, width):  # type: ignore[override]
         w = module.weight
         return type(module)(width, width).to(device=w.device, dtype=w.dtype)
-
-    def set_identity(self, module):  # type: ignore[override]
-        with torch.no_grad():
-            module.weight.copy_(torch.eye(module.nf, dtype=module.weight.dtype))
-            module.bias.zero_()
 
 
 class ChannelsFirstLayerNormRule(ModuleRule):
