@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,30 @@ def launch(
         what = f"ranks {hung} hung past {timeout_s} s" if hung else "a rank failed"
         pytest.fail(f"{label}: {what}\n{tails}")
     raise AssertionError("unreachable")
+
+
+def run_avalanche_rank(
+    out_dir: str, body: Callable[[int], Any], *, timeout_s: float, seed: int | None = None
+) -> None:
+    """One rank of a gloo job over Avalanche: ``body(rank)``'s result to ``out_dir/rank{r}.pt``.
+
+    Avalanche 0.6 must be imported before the process group exists: importing
+    ``avalanche.training`` builds an ``InteractiveLogger`` (a default argument of
+    ``AETraining``), which refuses to be created on a non-main rank once torch.distributed is
+    initialised. ``seed`` seeds every rank alike through ``DistributedHelper``.
+    """
+    import avalanche.training  # noqa: F401
+    import torch.distributed as dist
+    from avalanche.distributed import DistributedHelper
+
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    if seed is not None:
+        DistributedHelper.set_random_seeds(seed)
+    try:
+        result = body(rank)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")

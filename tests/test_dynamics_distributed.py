@@ -13,16 +13,13 @@ recorded update is the one-process update (and not the plain one for the new uni
 from __future__ import annotations
 
 import copy
-import os
 import sys
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from _launch import launch
+from _launch import launch, run_avalanche_rank
 
 WORLD = 2
 JOB_TIMEOUT_S = 300  # hang guard only (seconds normally; far more on a loaded machine)
@@ -153,19 +150,12 @@ TENSORS = ("before", "ddp", "one", "plain")
 
 
 def _worker_main(out_dir: str) -> None:
-    import avalanche.training  # noqa: F401  (before the process group: see the other DDP test)
-    from avalanche.distributed import DistributedHelper
-
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    DistributedHelper.set_random_seeds(1234)
-    try:
-        result = {name: _run(rule) for name, rule in RULES.items()}
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    run_avalanche_rank(
+        out_dir,
+        lambda rank: {name: _run(rule) for name, rule in RULES.items()},
+        timeout_s=COLLECTIVE_TIMEOUT_S,
+        seed=1234,
+    )
 
 
 # --------------------------------------------------------------------------------------------

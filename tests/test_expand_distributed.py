@@ -4,16 +4,14 @@ balanced classifier stage. Old units stay bit-identical on every rank, and the r
 
 from __future__ import annotations
 
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from _launch import launch
+from _launch import launch, run_avalanche_rank
 
 WORLD = 2
 JOB_TIMEOUT_S = 300  # hang guard only (seconds normally)
@@ -76,17 +74,7 @@ def _rank_main() -> dict[str, Any]:
 
 
 def _worker_main(out_dir: str) -> None:
-    import avalanche.training  # noqa: F401  (before the process group: see the Avalanche tests)
-
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        result = _rank_main()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    run_avalanche_rank(out_dir, lambda rank: _rank_main(), timeout_s=60)
 
 
 @requires_gloo

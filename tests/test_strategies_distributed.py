@@ -24,16 +24,13 @@ with torch's 30 min default); everything after it is Avalanche's own distributed
 
 from __future__ import annotations
 
-import os
 import sys
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from _launch import launch
+from _launch import launch, run_avalanche_rank
 
 WORLD = 2
 JOB_TIMEOUT_S = 300  # hang guard only (about 15 s normally; far more on a loaded machine)
@@ -241,22 +238,7 @@ def _rank_main(rank: int) -> dict[str, Any]:
 
 
 def _worker_main(out_dir: str) -> None:
-    # Avalanche 0.6 must be imported before the process group exists: importing
-    # avalanche.training builds an InteractiveLogger (a default argument of AETraining), which
-    # refuses to be created on a non-main rank once torch.distributed is initialised.
-    import avalanche.training  # noqa: F401
-    from avalanche.distributed import DistributedHelper
-
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    DistributedHelper.set_random_seeds(1234)
-    try:
-        result = _rank_main(rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    run_avalanche_rank(out_dir, _rank_main, timeout_s=COLLECTIVE_TIMEOUT_S, seed=1234)
 
 
 # --------------------------------------------------------------------------------------------
