@@ -62,6 +62,33 @@ def outputs(net: nn.Module, *inputs: Tensor) -> Tensor:
             m.training = mode
 
 
+@torch.no_grad()
+def capture(net: nn.Module, x: Tensor, probes: tuple[str, ...]) -> dict[str, Tensor]:
+    """Outputs of the probed modules (``name<``: the module's input) in eval mode."""
+    got: dict[str, Tensor] = {}
+    handles = []
+    for p in probes:
+        module = net.get_submodule(p.rstrip("<"))
+        if p.endswith("<"):
+            hook = module.register_forward_pre_hook(
+                lambda m, a, p=p: got.__setitem__(p, a[0].detach().clone())
+            )
+        else:
+            hook = module.register_forward_hook(
+                lambda m, a, o, p=p: got.__setitem__(p, o.detach().clone())
+            )
+        handles.append(hook)
+    was = net.training
+    net.eval()
+    try:
+        net(x)
+    finally:
+        net.train(was)
+        for h in handles:
+            h.remove()
+    return got
+
+
 def rel_error(after: Tensor, before: Tensor) -> float:
     """``max|after - before| / max|before|`` in float64."""
     assert after.shape == before.shape, f"output shape changed: {before.shape} -> {after.shape}"

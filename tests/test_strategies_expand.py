@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from _avalanche import digits_stream
-from _models import assert_state_equal, gen, randomize_batchnorm, snapshot
+from _models import assert_state_equal, capture, gen, randomize_batchnorm, snapshot
 from avalanche.models import IncrementalClassifier
 from avalanche.training.plugins import EvaluationPlugin, LwFPlugin, ReplayPlugin
 from avalanche.training.supervised import Naive
@@ -100,33 +100,6 @@ def build(kind: str, seed: int = 0) -> GrowableNetwork:
 def probe(stream: Any, n: int = 64) -> Tensor:
     ds = stream.test_stream[0].dataset
     return torch.stack([ds[i][0] for i in range(n)])
-
-
-@torch.no_grad()
-def capture(net: nn.Module, x: Tensor, probes: tuple[str, ...]) -> dict[str, Tensor]:
-    """Outputs of the probed modules (``name<``: the module's input) in eval mode."""
-    got: dict[str, Tensor] = {}
-    handles = []
-    for p in probes:
-        module = net.get_submodule(p.rstrip("<"))
-        if p.endswith("<"):
-            hook = module.register_forward_pre_hook(
-                lambda m, a, p=p: got.__setitem__(p, a[0].detach().clone())
-            )
-        else:
-            hook = module.register_forward_hook(
-                lambda m, a, o, p=p: got.__setitem__(p, o.detach().clone())
-            )
-        handles.append(hook)
-    was = net.training
-    net.eval()
-    try:
-        net(x)
-    finally:
-        net.train(was)
-        for h in handles:
-            h.remove()
-    return got
 
 
 def assert_old_identical(before: dict[str, Tensor], after: dict[str, Tensor]) -> None:

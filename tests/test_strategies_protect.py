@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _avalanche import digits_stream, mh_net, mlp_net
+from _models import capture
 from avalanche.training.supervised import Naive
 from torch import nn
 
@@ -34,25 +35,9 @@ def batch(stream, n: int = 64) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(n)])
 
 
-@torch.no_grad()
 def hidden(net, x: torch.Tensor, layers=("0", "2")) -> dict[str, torch.Tensor]:
     """Outputs of ``layers`` on ``x`` in eval mode (the network's mode is restored)."""
-    out: dict[str, torch.Tensor] = {}
-    handles = [
-        net.get_submodule(n).register_forward_hook(
-            lambda m, i, o, n=n: out.__setitem__(n, o.detach().clone())
-        )
-        for n in layers
-    ]
-    was = net.training
-    net.eval()
-    try:
-        net(x)
-    finally:
-        net.train(was)
-        for h in handles:
-            h.remove()
-    return out
+    return capture(net, x, tuple(layers))
 
 
 def naive(net, plugin, **kw) -> Naive:
