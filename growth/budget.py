@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .arguments import check_deepen_options
-from .deepen import find_chain, meta_copy
+from .deepen import find_chain, meta_copy, new_layer
 from .errors import GrowthError
 from .mapping import shape_mapping
 from .widen import grown_shape, plan_updates, resolve
@@ -126,7 +126,7 @@ def deepen_parameters(net: GrowableNetwork, layer: str, kind: str = "identity") 
     width = int(rule.width(module))
     check_deepen_options(layer, kind, None)
     nodes = net.analysis.module_nodes[layer]
-    new = rule.square_like(meta_copy(module), width)
+    new = new_layer(rule, meta_copy(module), width, kind)
     if new is None or len(nodes) != 1:
         raise GrowthError(f"cannot deepen {layer!r}")
     one = sum(p.numel() for p in new.parameters())

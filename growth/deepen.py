@@ -198,7 +198,7 @@ def deepen(
         raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
     limits.check_growth_bytes(needed, limit, f"deepen({name!r}) at width {width}")
     try:
-        layer = rule.square_like(module, width)
+        layer = new_layer(rule, module, width, kind)
     except GrowthError as exc:
         raise type(exc)(f"cannot deepen {name!r}: {exc}") from exc
     if layer is None:
@@ -218,7 +218,7 @@ def deepen(
         block = nn.Module()
         block.layer1 = layer
         block.act = copy.deepcopy(new_act) if new_act is not None else nn.ReLU()
-        block.layer2 = rule.square_like(module, width)
+        block.layer2 = new_layer(rule, module, width, kind)
         with torch.no_grad():
             for p in block.layer2.parameters():
                 p.zero_()
@@ -252,6 +252,14 @@ def deepen(
     }
     names = {id(p): n for n, p in net.named_parameters()}
     return err, details, GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
+
+
+def new_layer(rule: Any, module: nn.Module, width: int, kind: str) -> nn.Module | None:
+    """A fresh ``width -> width`` layer to insert after ``module``: one that can compute the
+    identity (``kind="identity"``), or one for a residual branch that starts at zero."""
+    if kind == "residual":
+        return rule.residual_like(module, width)
+    return rule.square_like(module, width)
 
 
 def _free_stem(grown: nn.Module | None, base: str, kind: str) -> str:
@@ -290,7 +298,7 @@ def deepen_bytes(
     """Bytes of the layers ``deepen`` would insert after ``module``, computed without building
     them: the rule builds its layer from a ``meta`` copy of ``module`` (a bound when it cannot)."""
     try:
-        layer = rule.square_like(meta_copy(module), width)
+        layer = new_layer(rule, meta_copy(module), width, kind)
         one = 0 if layer is None else _tensor_bytes(layer)
     except GrowthError:
         raise

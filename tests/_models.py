@@ -150,6 +150,8 @@ def module_param_count(model: nn.Module) -> int:
             total += m.out_channels if m.bias is not None else 0
         elif isinstance(m, _BatchNorm):
             total += 2 * m.num_features if m.affine else 0
+        elif isinstance(m, nn.Embedding):
+            total += m.num_embeddings * m.embedding_dim
         else:
             assert not list(m.parameters(recurse=False)), f"no formula for {type(m).__name__}"
     return total

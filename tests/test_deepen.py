@@ -42,6 +42,7 @@ from net2grow.growth import (
     GrowthError,
     UnsupportedLayerError,
 )
+from net2grow.growth.budget import deepen_parameters
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -809,6 +810,18 @@ class EvenKernel(nn.Module):
         return self.fc(F.relu(self.c(x)).mean((2, 3)))
 
 
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention returns a tuple: no layer of its type can follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
 def _tanh_mlp() -> nn.Module:
     return mlp_with(nn.Tanh, bn=True)
 
@@ -820,7 +833,8 @@ REFUSALS = {
     "not-called": (Embed, "tokens", {"name": "unused"}, GrowthError, "not called"),
     "not-a-str": (Embed, "tokens", {"name": 0}, GrowthError, "str"),
     "not-a-layer": (_tanh_mlp, (16, 7), {"name": "1"}, GrowthError, "'1'"),
-    "embedding": (Embed, "tokens", {"name": "emb"}, UnsupportedLayerError, "register"),
+    "no-identity-rule": (SelfAttention, (8, 5, 4), {"name": "mha"}, UnsupportedLayerError,
+                         "register"),
     "called-twice": (Twice, (8, 6), {"name": "shared"}, GrowthError, "2 times"),
     "bad-kind": (Twice, (8, 6), {"name": "fc", "kind": "wide"}, GrowthError, "'wide'"),
     "activation-fn": (
@@ -881,7 +895,52 @@ def test_even_kernel_refusal_names_the_layer() -> None:
     net = build(EvenKernel(), randn(4, 3, 6, 6))
     with pytest.raises(GrowthError) as info:
         net.deepen("c")
-    assert "'c'" in str(info.value)
+    assert "'c'" in str(info.value) and "kind='residual'" in str(info.value)
+
+
+class PatchEmbed(nn.Module):
+    """A strided even-kernel convolution (ViT's patch embedding, ConvNeXt's downsampling)."""
+
+    def __init__(self, kernel: tuple[int, int], stride: int) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, kernel, stride=stride)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.gelu(self.bn(self.c(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kernel,stride", [((2, 2), 2), ((4, 4), 4), ((3, 2), 1), ((8, 8), 8)])
+def test_residual_after_even_kernel_conv(kernel, stride) -> None:
+    """A zero residual block needs no identity: its branch takes the next smaller odd kernel,
+    keeps the size of the map, and the function is unchanged in eval and train mode."""
+    x = randn(4, 3, 16, 16)
+    net = build(PatchEmbed(kernel, stride), x)
+    randomize_batchnorm(net)
+    rec = deepen_checked(net, "c", inputs=held_out(x), kind="residual")
+    branch = grown_module(net, rec)
+    odd = tuple(k if k % 2 else k - 1 for k in kernel)
+    assert branch.layer1.kernel_size == odd and branch.layer2.kernel_size == odd
+    assert branch.layer1.stride == (1, 1)
+    assert torch.count_nonzero(branch.layer2.weight) == 0
+
+
+@pytest.mark.parametrize("kind", ["identity", "residual"])
+def test_deepen_after_embedding_inserts_a_linear_over_its_units(kind: str) -> None:
+    """After a lookup the units lie on the last dim: a Linear there is exact, and it learns."""
+    tokens = torch.randint(0, 10, (8, 5), generator=gen(0))
+    net = build(Embed(), tokens)
+    rec = deepen_checked(net, "emb", inputs=held_out(tokens), kind=kind)
+    new = grown_module(net, rec)
+    linears = [m for m in new.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.in_features == m.out_features == 4 for m in linears)
+    net.train()
+    net(held_out(tokens)).square().sum().backward()
+    assert linears[-1].weight.grad is not None and linears[-1].weight.grad.abs().sum() > 0
+
+    again = build(Embed(), tokens)  # the budget plans the same layer without building it
+    assert deepen_parameters(again, "emb", kind) == sum(p.numel() for p in new.parameters())
 
 
 # --------------------------------------------------------------------------------------------

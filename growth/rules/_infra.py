@@ -108,6 +108,12 @@ class ModuleRule:
         """Make a layer built by :meth:`square_like` compute the identity."""
         raise NotImplementedError
 
+    def residual_like(self, module: nn.Module, width: int) -> nn.Module | None:
+        """A new layer mapping ``width`` units to ``width`` units for the branch of a zero
+        residual block (``deepen(kind="residual")``). The branch's last layer starts at zero,
+        so, unlike :meth:`square_like`'s, this layer need not be able to compute the identity."""
+        return self.square_like(module, width)
+
 
 class PassThroughRule(ModuleRule):
     """Modules that act on each channel alike and have no per-channel state."""

@@ -81,24 +81,16 @@ class ConvRule(ModuleRule):
         if any(k % 2 == 0 for k in kernel):
             raise GrowthError(
                 f"cannot insert an identity convolution after a layer with even kernel size "
-                f"{kernel}: no centred identity exists; deepen after a layer with an odd kernel"
+                f"{kernel}: no centred identity exists; deepen after a layer with an odd kernel, "
+                f"or use kind='residual' (its branch takes the next smaller odd kernel)"
             )
-        if is_depthwise(module):
-            groups = width
-        else:
-            groups = module.groups if width % module.groups == 0 else 1
-        w = module.weight
-        return type(module)(
-            width,
-            width,
-            kernel,
-            stride=1,
-            padding=tuple(k // 2 for k in kernel),
-            groups=groups,
-            bias=True,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        return _same_size_conv(module, width, kernel)
+
+    def residual_like(self, module, width):  # type: ignore[override]
+        # a zero branch is exact whatever its kernel: an even one is made odd (2 -> 1, 8 -> 7)
+        # so that a centred, shape-preserving padding exists
+        kernel = tuple(k if k % 2 else k - 1 for k in module.kernel_size)
+        return _same_size_conv(module, width, kernel)
 
     def set_identity(self, module):  # type: ignore[override]
         per_group = module.out_channels // module.groups
@@ -108,3 +100,24 @@ class ConvRule(ModuleRule):
             rows = torch.arange(module.out_channels, device=module.weight.device)
             module.weight[(rows, rows % per_group, *centre)] = 1.0
             module.bias.zero_()
+
+
+def _same_size_conv(module: nn.Module, width: int, kernel: tuple[int, ...]) -> nn.Module:
+    """A fresh ``width -> width`` convolution of ``module``'s type with an odd ``kernel``,
+    stride 1 and centred padding (its output has its input's size), on ``module``'s device."""
+    if is_depthwise(module):
+        groups = width
+    else:
+        groups = module.groups if width % module.groups == 0 else 1
+    w = module.weight
+    return type(module)(
+        width,
+        width,
+        kernel,
+        stride=1,
+        padding=tuple(k // 2 for k in kernel),
+        groups=groups,
+        bias=True,
+        device=w.device,
+        dtype=w.dtype,
+    )

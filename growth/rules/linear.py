@@ -87,6 +87,16 @@ class EmbeddingRule(ModuleRule):
     def width(self, module):  # type: ignore[override]
         return module.embedding_dim
 
+    def square_like(self, module, width):  # type: ignore[override]
+        # what follows a lookup is a Linear over its last dim, where the looked-up units lie
+        w = module.weight
+        return nn.Linear(width, width, bias=True, device=w.device, dtype=w.dtype)
+
+    def set_identity(self, module):  # type: ignore[override]
+        with torch.no_grad():
+            module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
+            module.bias.zero_()
+
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         if out_map is None:
             return None
