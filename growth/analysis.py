@@ -8,9 +8,11 @@ widening it is refused with the reason recorded here.
 
 Layers that share a tensor (tied weights, ``self.out.weight = self.emb.weight``) are found after
 the walk: layers of one type sharing the same tensor read and write the same units, like one layer
-called twice, and their spaces are joined; any other sharing (an ``Embedding`` tied to a
-``Linear``, a layer's weight read directly in ``forward``) would have to grow one tensor in two
-different ways, and blocks the spaces of the layers involved.
+called twice, and their spaces are joined. An ``Embedding`` whose table a ``Linear`` head reads
+(language models' weight tying) joins its output units with the head's input units
+(``growth.tied`` grows that table exactly). Any other sharing (a layer's weight read directly in
+``forward``, different layer types) would have to grow one tensor in two different ways, and
+blocks the spaces of the layers involved.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, fx, nn
 
+from . import tied
 from .errors import REGISTER_HINT, GrowthError, UnsupportedLayerError
 from .layout import Block, Layout, Segment, SpaceTable
 
@@ -403,6 +406,49 @@ def _fetch(root: nn.Module, target: str) -> Any:
         return None
 
 
+def _tie_embedding_head(
+    ctx: AnalysisContext,
+    root: nn.Module,
+    head_node: Any,
+    names: list[str],
+    modules: list[nn.Module],
+    shown: str,
+    sides: Any,
+    block: Any,
+) -> None:
+    """Join an embedding's output units with the input units of the ``Linear`` head sharing its
+    table (``growth.tied`` grows them exactly); the head's outputs are the table's rows, which
+    do not grow."""
+    emb, head = (names[0], names[1]) if isinstance(modules[0], nn.Embedding) else names[::-1]
+    out_side, in_side = sides(emb)[1], sides(head)[0]
+    if out_side is None or in_side is None:
+        block(names, f"{shown} (tied weights) between layers of unknown channels")
+        return
+    if tied.norm_feeding(root, ctx.layouts, head_node(head)) is None:
+        block(names, tied.no_norm_reason(shown, head))
+        return
+    label = f"tie:{shown}"
+    log = ctx.spaces
+    log.ties[label] = f"{shown} (tied weights)"
+    log.sharing = label
+    if [(g.units, g.expand, g.parts) for g in out_side.segments] != [
+        (g.units, g.expand, g.parts) for g in in_side.segments
+    ] or out_side.inner != in_side.inner:
+        block(names, f"{shown} (tied weights) between channels built differently")
+        return
+    try:  # the table's dim 1: the embedding's output units are the head's input units
+        for a, b in zip(out_side.segments, in_side.segments):
+            log.union(a.space, b.space)
+    finally:
+        log.sharing = None
+    ctx.spaces.block_layout(
+        sides(head)[1],
+        f"the rows of {shown} (tied weights) are the embedding's tokens: the head's outputs "
+        f"cannot grow",
+        GrowthError,
+    )
+
+
 def _shared_tensors(
     ctx: AnalysisContext, root: nn.Module, graph: fx.Graph, module_nodes: dict[str, list[fx.Node]]
 ) -> None:
@@ -444,6 +490,11 @@ def _shared_tensors(
             and len({type(m) for m in modules}) == 1
             and module_rule_for(modules[0]) is not None
         )
+        if not same and tied.embedding_head_tie(dict(zip(names, modules)), users):
+            _tie_embedding_head(
+                ctx, root, lambda n: module_nodes[n][0], names, modules, shown, sides, block
+            )
+            continue
         if not same:
             block(
                 names,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx, nn
 
-from . import initializers, limits, protect
+from . import initializers, limits, protect, tied
 from .analysis import ChannelAnalysis
 from .changes import GrowthChanges
 from .errors import GrowthError
@@ -276,29 +276,36 @@ def plan_updates(
         if amap is not None:
             step = AxisStep(layout.dim, amap, "channel")
             plans.append((target, owner, ModuleUpdate(tensors={leaf: TensorGrowth([step])})))
-    _grow_tied_once(plans)
+    _grow_tied_once(root, analysis, plans)
     return plans
 
 
-def _grow_tied_once(plans: list[tuple[str, nn.Module, ModuleUpdate]]) -> None:
+def _grow_tied_once(
+    root: nn.Module, analysis: ChannelAnalysis, plans: list[tuple[str, nn.Module, ModuleUpdate]]
+) -> None:
     """A tensor shared by several planned modules (tied weights, joined by the analysis) is
-    grown once: the others' plans drop it after checking that they would grow it alike."""
-    seen: dict[int, tuple[str, TensorGrowth]] = {}
+    grown once: the others' plans drop it after checking that they would grow it alike, or,
+    for an embedding tied to its head, after moving the head's split (``growth.tied``)."""
+    seen: dict[int, tuple[str, str, TensorGrowth]] = {}
     for name, module, update in plans:
         for tname in list(update.tensors):
             t = getattr(*resolve(module, tname))
             if t is None:
                 continue
             first = seen.get(id(t))
+            here = (name, tname, update.tensors[tname])
             if first is None:
-                seen[id(t)] = (f"{name}.{tname}", update.tensors[tname])
+                seen[id(t)] = here
                 continue
-            if not _same_growth(first[1], update.tensors[tname]):
-                raise GrowthError(
-                    f"{first[0]} is {name}.{tname} (one tensor, tied weights), and the two "
-                    f"layers would grow it differently; untie them (give each layer its own "
-                    f"copy) or grow layers that are not coupled to them"
-                )
+            if not _same_growth(first[2], here[2]):
+                if not tied.move_split_to_norm(root, analysis, plans, first, here):
+                    raise GrowthError(
+                        f"{first[0]}.{first[1]} is {name}.{tname} (one tensor, tied weights), "
+                        f"and the two layers would grow it differently; untie them (give each "
+                        f"layer its own copy) or grow layers that are not coupled to them"
+                    )
+                copied = first[2] if first[2].steps[0].role == "out" else here[2]
+                first[2].steps = copied.steps  # the table keeps the embedding's copies
             del update.tensors[tname]
 
 
