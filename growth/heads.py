@@ -45,6 +45,7 @@ _HEAD_DIM_OPS = frozenset(
         "view", "reshape", "unflatten", "flatten", "transpose", "permute", "movedim",
         "contiguous", "clone", "to", "float", "split", "chunk", "getitem", "size",
         "scaled_dot_product_attention", "dropout",
+        "getattr",  # a shape read (rules.heads.HeadShape refuses any other attribute)
     }
 )  # fmt: skip
 

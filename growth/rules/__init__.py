@@ -45,7 +45,7 @@ from .functions import (
     Squeeze,
     Unary,
 )
-from .heads import ScaledDotProductAttention, Split, Unflatten
+from .heads import HeadShape, ScaledDotProductAttention, Split, Unflatten
 from .indexing import Expand, Index
 from .linear import EmbeddingRule, LinearRule
 from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
@@ -322,7 +322,7 @@ _BUILTIN_FUNCTIONS: list[tuple[tuple[Callable, ...], FunctionRule]] = [
     ((torch.permute, torch.transpose, torch.movedim), _PERMUTE),
     ((torch.squeeze, torch.unsqueeze), _SQUEEZE),
     ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), _SOFTMAX),
-    ((getattr,), _NON_TENSOR),
+    ((getattr,), HeadShape()),  # a Python value; on attention heads, checked
     ((torch.arange,), _NON_TENSOR),  # positions: a tensor without channels
     ((operator.getitem,), Index()),
     ((torch.rsqrt,), _UNARY),

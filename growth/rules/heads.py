@@ -16,6 +16,7 @@ nothing the rules here do not know can see heads grow.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from torch import fx
@@ -146,6 +147,52 @@ def merge_heads(
     return out
 
 
+def head_shape_read(ctx: Any, value: Any) -> tuple[Layout, int] | None:
+    """``(layout, dim)`` when ``value`` is ``t.shape[dim]`` of a tensor ``t`` split into
+    heads (Hugging Face reads sizes so), else None."""
+    if not (isinstance(value, fx.Node) and value.op == "call_function"):
+        return None
+    if value.target is not operator.getitem or not isinstance(value.args[1], int):
+        return None
+    shape = value.args[0]
+    if not (isinstance(shape, fx.Node) and shape.op == "call_function"):
+        return None
+    if shape.target is not getattr or shape.args[1:] != ("shape",):
+        return None
+    src = shape.args[0]
+    layout, src_shape = ctx.layout(src), ctx.shape(src)
+    if layout is None or layout.inner is None or src_shape is None:
+        return None
+    return layout, normalise_dim(value.args[1], len(src_shape))
+
+
+def _role(layout: Layout, dim: int) -> str | None:
+    return "heads" if dim == layout.dim else "head_dim" if dim == layout.inner else None
+
+
+def _same_heads_reshape(
+    ctx: Any, node: fx.Node, layout: Layout, sizes: list[Any] | None, packed: bool, first: int
+) -> Layout:
+    """A reshape of a head layout to its own shape (``x.reshape(b, -1, t, d)`` with sizes
+    read from head tensors): the heads stay; a size of the heads or of their width must be
+    -1, a number (rewritten on growth) or read from a tensor of the same heads."""
+    space = ctx.spaces.find(layout.segments[0].space)
+    for dim in (layout.dim, layout.inner):
+        if sizes is None:
+            return ctx.opaque(node, "reshapes attention heads with sizes net2grow cannot read")
+        value, where = _size_at(node, sizes, packed, first, dim)
+        read = head_shape_read(ctx, value)
+        if read is not None:
+            ok = _role(read[0], read[1]) == _role(layout, dim)
+            if not ok or ctx.spaces.find(read[0].segments[0].space) != space:
+                return ctx.opaque(node, "reshapes attention heads to sizes of other heads")
+        elif isinstance(value, int):
+            _check_sizes(ctx, node, layout, [(value, where, _role(layout, dim) or "heads")])
+        else:
+            return ctx.opaque(node, "reshapes attention heads to sizes computed in forward")
+    return Layout(layout.dim, layout.segments, layout.inner)
+
+
 def reshape_heads(ctx: Any, node: fx.Node, first: int = 1) -> Layout | bool | None:
     """``view``/``reshape`` splitting channels into heads or merging heads back; False when
     neither (the plain rule decides)."""
@@ -156,6 +203,8 @@ def reshape_heads(ctx: Any, node: fx.Node, first: int = 1) -> Layout | bool | No
     sizes, packed = _sizes(node, first)
     if len(sizes) != len(out_shape):
         sizes = None
+    if layout.inner is not None and tuple(in_shape) == tuple(out_shape):
+        return _same_heads_reshape(ctx, node, layout, sizes, packed, first)
     if layout.inner is not None:
         size = None
         if sizes and layout.dim < len(sizes):
@@ -172,6 +221,54 @@ def reshape_heads(ctx: Any, node: fx.Node, first: int = 1) -> Layout | bool | No
 def permute_heads(layout: Layout, where: Any) -> Layout:
     """A head layout after a permutation: ``where(old_dim) -> new_dim``."""
     return Layout(where(layout.dim), layout.segments, where(layout.inner))
+
+
+class HeadShape(FunctionRule):
+    """``getattr(x, "shape")`` (and other attributes): a Python value, no channels. On a tensor
+    split into heads, a read of the head count or head width (``x.shape[1]``, ``x.shape[-1]``)
+    changes when heads grow: allowed only as the same size of a reshape of those heads
+    (:func:`_same_heads_reshape`); sequence and batch sizes are free."""
+
+    heads_aware = True
+
+    def infer(self, ctx, node):  # type: ignore[override]
+        src = node.args[0]
+        layout = ctx.layout(src) if isinstance(src, fx.Node) else None
+        if layout is None or layout.inner is None:
+            return None
+        shape = ctx.shape(src)
+        if node.args[1:] != ("shape",) or shape is None:
+            if node.args[1:] in (("dtype",), ("device",)):
+                return None
+            return ctx.opaque(node, "reads an attribute of attention heads net2grow cannot follow")
+        for user in node.users:
+            index = user.args[1] if user.target is operator.getitem else None
+            if isinstance(index, slice):  # x.shape[:-2]: free when no head size is among them
+                if all(_role(layout, d) is None for d in range(len(shape))[index]):
+                    continue
+            read = head_shape_read(ctx, user)
+            if read is None:
+                return ctx.opaque(node, "reads the shape of attention heads other than by index")
+            dim = read[1]
+            if _role(layout, dim) is None:
+                continue  # batch or sequence: heads do not change it
+            for reader in user.users:
+                sizes = _reader_sizes(reader)
+                if sizes is None or sizes.count(user) != 1 or sizes.index(user) != dim:
+                    return ctx.opaque(
+                        node,
+                        f"uses the {_role(layout, dim)} of attention heads read from their shape "
+                        f"({user.name}) other than to reshape heads to the same shape",
+                    )
+        return None
+
+
+def _reader_sizes(node: fx.Node) -> list[Any] | None:
+    """The size arguments of a ``view``/``reshape`` call, else None."""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        sizes, _ = _sizes(node, 1)
+        return sizes
+    return None
 
 
 class Unflatten(FunctionRule):
