@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .arguments import check_deepen_options
-from .deepen import find_chain, meta_copy, new_layer
+from .deepen import find_chain, meta_copy, new_layer, output_item
 from .errors import GrowthError
 from .mapping import shape_mapping
 from .widen import grown_shape, plan_updates, resolve
@@ -130,7 +130,7 @@ def deepen_parameters(net: GrowableNetwork, layer: str, kind: str = "identity") 
     if new is None or len(nodes) != 1:
         raise GrowthError(f"cannot deepen {layer!r}")
     one = sum(p.numel() for p in new.parameters())
-    chain = find_chain(net, nodes[0])
+    chain = find_chain(net, output_item(layer, nodes[0]))
     act = 0 if chain.activation is None else sum(p.numel() for p in chain.activation.parameters())
     return (2 * one if kind == "residual" else one) + act
 

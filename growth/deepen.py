@@ -110,6 +110,24 @@ def find_chain(root: nn.Module, start: fx.Node) -> Chain:
     return Chain(nodes, activation, act_last, norm)
 
 
+def output_item(name: str, node: fx.Node) -> fx.Node:
+    """The node carrying layer ``name``'s output: ``node`` itself, or for a layer returning a
+    tuple read by index (``nn.MultiheadAttention``: output, weights) the read of item 0."""
+    users = list(node.users)
+    if not users or not all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+        for u in users
+    ):
+        return node
+    first = [u for u in users if u.args[1] == 0]
+    if len(first) != 1:
+        raise GrowthError(
+            f"cannot deepen {name!r}: its output is a tuple whose item 0 is read "
+            f"{len(first)} times; read it once (out = layer(x)[0]) to deepen after it"
+        )
+    return first[0]
+
+
 def _same_activation(a: nn.Module, b: nn.Module) -> bool:
     """Same type and the same constructor arguments (``inplace`` aside)."""
     if type(a) is not type(b):
@@ -188,7 +206,7 @@ def deepen(
             f"{name!r} is called {len(nodes)} times in forward; deepen a layer called once"
         )
     width = int(rule.width(module))
-    chain = find_chain(net, nodes[0])
+    chain = find_chain(net, output_item(name, nodes[0]))
     new_act = activation if activation is not None else chain.activation
     if kind == "identity":
         check_identity_exact(name, chain, new_act)

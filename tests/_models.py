@@ -152,6 +152,9 @@ def module_param_count(model: nn.Module) -> int:
             total += 2 * m.num_features if m.affine else 0
         elif isinstance(m, nn.Embedding):
             total += m.num_embeddings * m.embedding_dim
+        elif isinstance(m, nn.MultiheadAttention):  # in_proj (3E x E + 3E), out_proj counted
+            e = m.embed_dim
+            total += 3 * e * e + (3 * e if m.in_proj_bias is not None else 0)
         else:
             assert not list(m.parameters(recurse=False)), f"no formula for {type(m).__name__}"
     return total

@@ -811,7 +811,7 @@ class EvenKernel(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """nn.MultiheadAttention returns a tuple: no layer of its type can follow it."""
+    """nn.MultiheadAttention returns a tuple (output, weights): what follows reads item 0."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -833,8 +833,6 @@ REFUSALS = {
     "not-called": (Embed, "tokens", {"name": "unused"}, GrowthError, "not called"),
     "not-a-str": (Embed, "tokens", {"name": 0}, GrowthError, "str"),
     "not-a-layer": (_tanh_mlp, (16, 7), {"name": "1"}, GrowthError, "'1'"),
-    "no-identity-rule": (SelfAttention, (8, 5, 4), {"name": "mha"}, UnsupportedLayerError,
-                         "register"),
     "called-twice": (Twice, (8, 6), {"name": "shared"}, GrowthError, "2 times"),
     "bad-kind": (Twice, (8, 6), {"name": "fc", "kind": "wide"}, GrowthError, "'wide'"),
     "activation-fn": (
@@ -889,6 +887,55 @@ def test_refusal_leaves_network_untouched(case: str, already_grown: bool) -> Non
         # nothing left over from the refused attempt: the same name is chosen again
         k = 2 if already_grown else 1
         assert rec.details["inserted"] == [f"grown.0_res{k}"]
+
+
+@pytest.mark.parametrize("kind", ["identity", "residual"])
+def test_deepen_after_multihead_attention_follows_its_output_item(kind: str) -> None:
+    torch.manual_seed(3)
+    x = randn(8, 5, 4)
+    net = build(SelfAttention(), x)
+    rec = deepen_checked(net, "mha", inputs=held_out(x), kind=kind)
+    linears = [m for m in grown_module(net, rec).modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.in_features == m.out_features == 4 for m in linears)
+    first = "grown.mha_deep1(getitem)" if kind == "identity" else "mha_res1.layer1(getitem)"
+    assert "getitem = mha[0]" in net.code and first in net.code  # after item 0, not the tuple
+
+
+class Lookup(nn.Embedding):
+    """A layer type whose registered rule has no identity layer."""
+
+
+class Bigram(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = Lookup(10, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.emb(x).mean(1))
+
+
+def test_layer_rule_without_identity_is_refused_with_the_fix() -> None:
+    from net2grow.growth import rules
+    from net2grow.growth.rules.linear import EmbeddingRule
+
+    class NoIdentity(EmbeddingRule):
+        def square_like(self, module, width):  # type: ignore[override]
+            return None
+
+    saved = dict(rules._MODULE_RULES)
+    rules.register_module_rule(Lookup, NoIdentity())
+    try:
+        x = torch.randint(0, 10, (8, 5), generator=gen(0))
+        net = build(Bigram(), x)
+        snap = untouched_snapshot(net, held_out(x))
+        for kind in ("identity", "residual"):
+            with pytest.raises(UnsupportedLayerError, match=r"'emb' \(Lookup\) has no identity"):
+                net.deepen("emb", kind=kind)
+            assert_untouched(net, held_out(x), snap)
+    finally:
+        rules._MODULE_RULES.clear()
+        rules._MODULE_RULES.update(saved)
 
 
 def test_even_kernel_refusal_names_the_layer() -> None:

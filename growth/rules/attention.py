@@ -23,6 +23,7 @@ from ..layout import Layout, Segment
 from ..mapping import AxisMap
 from ..transform import AxisStep
 from ._infra import ModuleRule, ModuleSpec, ModuleUpdate, TensorGrowth
+from .linear import set_linear_identity, square_linear
 
 
 def head_shares(copies: torch.Tensor) -> torch.Tensor:
@@ -113,6 +114,13 @@ class MultiheadAttentionRule(ModuleRule):
 
     def width(self, module):  # type: ignore[override]
         return module.embed_dim
+
+    def square_like(self, module, width):  # type: ignore[override]
+        # its output (item 0) has the units on the last dim: a Linear there follows it
+        return square_linear(module.in_proj_weight, width)
+
+    def set_identity(self, module):  # type: ignore[override]
+        set_linear_identity(module)
 
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         if in_map is None and out_map is None:

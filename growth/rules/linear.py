@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from ..layout import Layout, Segment
@@ -54,13 +54,10 @@ class LinearRule(ModuleRule):
         return update
 
     def square_like(self, module, width):  # type: ignore[override]
-        w = module.weight
-        return nn.Linear(width, width, bias=True, device=w.device, dtype=w.dtype)
+        return square_linear(module.weight, width)
 
     def set_identity(self, module):  # type: ignore[override]
-        with torch.no_grad():
-            module.weight.copy_(torch.eye(self.width(module), dtype=module.weight.dtype))
-            module.bias.zero_()
+        set_linear_identity(module)
 
 
 class EmbeddingRule(ModuleRule):
@@ -89,13 +86,10 @@ class EmbeddingRule(ModuleRule):
 
     def square_like(self, module, width):  # type: ignore[override]
         # what follows a lookup is a Linear over its last dim, where the looked-up units lie
-        w = module.weight
-        return nn.Linear(width, width, bias=True, device=w.device, dtype=w.dtype)
+        return square_linear(module.weight, width)
 
     def set_identity(self, module):  # type: ignore[override]
-        with torch.no_grad():
-            module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
-            module.bias.zero_()
+        set_linear_identity(module)
 
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         if out_map is None:
@@ -104,3 +98,16 @@ class EmbeddingRule(ModuleRule):
             tensors={"weight": TensorGrowth([AxisStep(1, out_map, "out")])},
             attrs={"embedding_dim": out_size},
         )
+
+
+def square_linear(like: Tensor, width: int) -> nn.Linear:
+    """A fresh ``width -> width`` Linear (with bias) on ``like``'s device and dtype: the layer
+    inserted after any layer whose units lie on the last dim of its output."""
+    return nn.Linear(width, width, bias=True, device=like.device, dtype=like.dtype)
+
+
+def set_linear_identity(module: nn.Linear) -> None:
+    """Make a square Linear compute the identity."""
+    with torch.no_grad():
+        module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
+        module.bias.zero_()
