@@ -106,8 +106,8 @@ def square_linear(like: Tensor, width: int) -> nn.Linear:
     return nn.Linear(width, width, bias=True, device=like.device, dtype=like.dtype)
 
 
-def set_linear_identity(module: nn.Linear) -> None:
-    """Make a square Linear compute the identity."""
+def set_linear_identity(module: nn.Module) -> None:
+    """Make a square Linear-like layer (a square ``weight``, a ``bias``) compute the identity."""
     with torch.no_grad():
-        module.weight.copy_(torch.eye(module.out_features, dtype=module.weight.dtype))
+        module.weight.copy_(torch.eye(module.weight.shape[0], dtype=module.weight.dtype))
         module.bias.zero_()
