@@ -13,12 +13,13 @@ The sampling rule (:func:`candidate_layers`): every module with a layer rule (``
 module of another type that owns a weight matrix, whether or not the graph can grow it.
 Submodules of a module that has a rule of its own (``nn.MultiheadAttention``'s ``out_proj``)
 are not candidates: they are not layers of the graph, their owner is, and growing it grows
-them. Layers whose weights a function reads (Swin's ``shifted_window_attention``) stay
-candidates and count as refusals. Output layers (:func:`output_layers`: their units are the
-network's output, such as a classifier or a language model's head) are sampled like any other
-layer and deepened, but not widened: their width is the task's (classes, vocabulary), so
-widening them changes the function by definition; that trial is reported as ``n/a`` and left
-out of the counts.
+them. Layers whose weights a function the graph calls reads (a model's own
+``F.linear(x, self.fc.weight)``) stay candidates and count as refusals; Swin's attention and
+patch merging are layers with rules of their own, sampled as wholes. Output layers
+(:func:`output_layers`: their units are the network's output, such as a classifier or a
+language model's head) are sampled like any other layer and deepened, but not widened: their
+width is the task's (classes, vocabulary), so widening them changes the function by
+definition; that trial is reported as ``n/a`` and left out of the counts.
 
 Every trial runs with ``verify=False`` and is judged by its own output comparison:
 
@@ -145,7 +146,7 @@ def candidate_layers(net: GrowableNetwork) -> list[str]:
     a weight matrix, whether or not the graph can grow them. Submodules of a module that has a
     rule of its own (``nn.MultiheadAttention``'s ``out_proj``) are not layers of the graph: the
     rule grows them with their owner, which is the candidate. Layers whose weights are read by
-    a function the graph calls (Swin's ``shifted_window_attention``) stay candidates."""
+    a function the graph calls (``F.linear(x, self.fc.weight)``) stay candidates."""
     names = []
     ruled: list[str] = []  # modules with a rule: leaves of the traced graph
     for name, module in net.named_modules():

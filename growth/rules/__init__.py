@@ -51,6 +51,12 @@ from .linear import EmbeddingRule, LinearRule
 from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
 from .optional import ChannelsFirstLayerNormRule, Conv1DRule
 from .residual_norm import norm_modules
+from .swin import (
+    PATCH_MERGING_SPEC,
+    SWIN_ATTENTION_SPEC,
+    PatchMergingRule,
+    ShiftedWindowAttentionRule,
+)
 
 __all__ = [
     "ActivationFunction",
@@ -366,13 +372,16 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
 # fmt: on
 
 
-#: Layer types of optional packages: (package, module, class name, rule, constructor arguments).
+#: Layer types of optional packages: (package, module, class name, rule, constructor arguments
+#: or the layer's ModuleSpec).
 #: ``torchvision.ops.StochasticDepth`` drops whole samples' residual branches at random in train
 #: mode (the same factor for every channel of a sample) and is the identity in eval mode: it acts
 #: on each channel alike, and as a leaf module it keeps following the network's train/eval mode.
 #: (Its function, ``torchvision.ops.stochastic_depth(x, p, mode, self.training)``, becomes this
 #: module when traced: ``tracing.trace_both_modes``.)
-_OPTIONAL_LAYERS: list[tuple[str, str, str, ModuleRule, tuple[str, ...]]] = [
+_SWIN, _SWIN_MODULE = ShiftedWindowAttentionRule(), "torchvision.models.swin_transformer"
+_MERGING = PatchMergingRule()
+_OPTIONAL_LAYERS: list[tuple[str, str, str, ModuleRule, tuple[str, ...] | ModuleSpec]] = [
     ("torchvision", "torchvision.ops", "StochasticDepth", PassThroughRule(), ("p", "mode")),
     # ConvNeXt's LayerNorm2d: an nn.LayerNorm subclass normalising dim 1 (rules/optional.py)
     (
@@ -382,6 +391,11 @@ _OPTIONAL_LAYERS: list[tuple[str, str, str, ModuleRule, tuple[str, ...]]] = [
         ChannelsFirstLayerNormRule(),
         ("normalized_shape", "eps", "elementwise_affine", "bias"),
     ),
+    # Swin's window attention: a leaf layer growing by whole heads (rules/swin.py)
+    ("torchvision", _SWIN_MODULE, "ShiftedWindowAttention", _SWIN, SWIN_ATTENTION_SPEC),
+    ("torchvision", _SWIN_MODULE, "ShiftedWindowAttentionV2", _SWIN, SWIN_ATTENTION_SPEC),
+    ("torchvision", _SWIN_MODULE, "PatchMerging", _MERGING, PATCH_MERGING_SPEC),
+    ("torchvision", _SWIN_MODULE, "PatchMergingV2", _MERGING, PATCH_MERGING_SPEC),
     # Hugging Face's Conv1D (GPT-2): a Linear layer with its weight transposed
     ("transformers", "transformers.pytorch_utils", "Conv1D", Conv1DRule(), ("nf", "nx")),
 ]
@@ -405,7 +419,8 @@ def _register_optional() -> None:
             except (ImportError, AttributeError):
                 continue
             if cls not in _MODULE_RULES:
-                register_module_rule(cls, rule, spec=ModuleSpec(args))
+                spec = args if isinstance(args, ModuleSpec) else ModuleSpec(args)
+                register_module_rule(cls, rule, spec=spec)
 
 
 def _register_builtins() -> None:

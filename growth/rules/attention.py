@@ -22,8 +22,8 @@ from ..errors import GrowthError, UnsupportedLayerError
 from ..layout import Layout, Segment
 from ..mapping import AxisMap
 from ..transform import AxisStep
-from ._infra import ModuleRule, ModuleSpec, ModuleUpdate, TensorGrowth
-from .linear import set_linear_identity, square_linear
+from ._infra import ModuleSpec, ModuleUpdate, TensorGrowth
+from .linear import LastDimFollower
 
 
 def head_shares(copies: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def head_mapping(heads: int, new_heads: int, head_dim: int, device: torch.device
     )
 
 
-def _stacked(amap: AxisMap, blocks: int, old_block: int) -> AxisMap:
+def stacked_map(amap: AxisMap, blocks: int, old_block: int) -> AxisMap:
     """``amap`` repeated for ``blocks`` consecutive blocks (q, k and v rows)."""
     return AxisMap(
         torch.cat([amap.source + b * old_block for b in range(blocks)]),
@@ -73,7 +73,7 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
     return node.kwargs.get(name, default)
 
 
-class MultiheadAttentionRule(ModuleRule):
+class MultiheadAttentionRule(LastDimFollower):
     """Self-attention (``query is key is value``) of ``nn.MultiheadAttention``; see the module
     docstring. Its width is ``embed_dim``; refused: cross-attention, ``kdim``/``vdim`` other
     than ``embed_dim``, ``add_bias_kv``, ``add_zero_attn``, per-head attention weights
@@ -115,12 +115,8 @@ class MultiheadAttentionRule(ModuleRule):
     def width(self, module):  # type: ignore[override]
         return module.embed_dim
 
-    def square_like(self, module, width):  # type: ignore[override]
-        # its output (item 0) has the units on the last dim: a Linear there follows it
-        return square_linear(module.in_proj_weight, width)
-
-    def set_identity(self, module):  # type: ignore[override]
-        set_linear_identity(module)
+    def follower_like(self, module: nn.Module) -> torch.Tensor:
+        return module.in_proj_weight  # its output (item 0) has the units on the last dim
 
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         if in_map is None and out_map is None:
@@ -143,7 +139,7 @@ class MultiheadAttentionRule(ModuleRule):
             heads.share.to(module.in_proj_weight.dtype),
             heads.prefix,
         )
-        rows = _stacked(heads, 3, e)
+        rows = stacked_map(heads, 3, e)
         update = ModuleUpdate()
         w_steps = [AxisStep(0, rows, "out")]
         if in_map is not None:

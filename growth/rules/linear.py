@@ -60,7 +60,23 @@ class LinearRule(ModuleRule):
         set_linear_identity(module)
 
 
-class EmbeddingRule(ModuleRule):
+class LastDimFollower(ModuleRule):
+    """A layer whose output has its units on the last dimension and no identity of its own
+    type: ``deepen`` inserts a square ``Linear`` there (on :meth:`follower_like`'s device and
+    dtype)."""
+
+    def follower_like(self, module: nn.Module) -> Tensor:
+        """A parameter of ``module`` whose device and dtype the inserted Linear takes."""
+        raise NotImplementedError
+
+    def square_like(self, module, width):  # type: ignore[override]
+        return square_linear(self.follower_like(module), width)
+
+    def set_identity(self, module):  # type: ignore[override]
+        set_linear_identity(module)
+
+
+class EmbeddingRule(LastDimFollower):
     """``nn.Embedding``: the columns of its table are its output units."""
 
     is_layer = True
@@ -84,12 +100,8 @@ class EmbeddingRule(ModuleRule):
     def width(self, module):  # type: ignore[override]
         return module.embedding_dim
 
-    def square_like(self, module, width):  # type: ignore[override]
-        # what follows a lookup is a Linear over its last dim, where the looked-up units lie
-        return square_linear(module.weight, width)
-
-    def set_identity(self, module):  # type: ignore[override]
-        set_linear_identity(module)
+    def follower_like(self, module: nn.Module) -> Tensor:
+        return module.weight  # a lookup's units lie on the last dim of its output
 
     def grow(self, module, in_map, out_map, in_size, out_size):  # type: ignore[override]
         if out_map is None:

@@ -8,6 +8,8 @@ once their package has been imported).
 - torchvision's ``LayerNorm2d`` (ConvNeXt): an ``nn.LayerNorm`` subclass that normalises the
   channels of an ``(N, C, H, W)`` tensor (it permutes them last, normalises, permutes back).
   As a LayerNorm over the channels, its space grows only to integer multiples of its width.
+- torchvision's Swin layers (``ShiftedWindowAttention``/``V2``, ``PatchMerging``/``V2``): their
+  rules live in :mod:`growth.rules.swin` (attention that grows by whole heads).
 """
 
 from __future__ import annotations
