@@ -55,6 +55,8 @@ class Config:
     corpus_bytes: int
     val_windows: int
     grow_at: float
+    ffn_init: str
+    heads_init: str
     lr: float
     warmup: int
     small: GPTConfig
@@ -83,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"bytes of stdlib source used (default {FULL['corpus_bytes']:,})")
     g.add_argument("--grow-at", type=float, default=0.25,
                    help="growth after this fraction of the steps (default %(default)s)")
+    g.add_argument("--ffn-init", choices=("net2net", "vt"), default="net2net",
+                   help="init of the new FFN units: copies, or Variance Transfer's paired units "
+                        "(default %(default)s)")
+    g.add_argument("--heads-init", choices=("net2net", "zero"), default="net2net",
+                   help="init of the new attention heads: copies, or random with zero output "
+                        "columns (default %(default)s)")
     g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (%(default)s)")
     g.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps (default: 5%% of the steps)")
@@ -119,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit("the large model must be at least the small one in every size")
     return Config(seeds=list(seeds), steps=steps, batch_size=pick("batch_size"),
                   eval_every=pick("eval_every"), corpus_bytes=pick("corpus_bytes"),
-                  val_windows=base["val_windows"], grow_at=args.grow_at, lr=args.lr,
+                  val_windows=base["val_windows"], grow_at=args.grow_at,
+                  ffn_init=args.ffn_init, heads_init=args.heads_init, lr=args.lr,
                   warmup=warmup, small=small, large=large, threads=args.threads,
                   device=args.device, out_dir=args.out_dir, runs_dir=args.runs_dir)
 
@@ -144,23 +153,27 @@ def val_loss(model: nn.Module, windows: Tensor) -> float:
         model.train(was)
 
 
-def growth_operations(small: GPTConfig, large: GPTConfig) -> list[tuple[str, str, dict]]:
+def growth_operations(
+    small: GPTConfig, large: GPTConfig, ffn_init: str = "net2net", heads_init: str = "net2net"
+) -> list[tuple[str, str, dict]]:
     """``(method, layer, kwargs)`` growth calls that turn ``small`` into ``large``'s shape.
 
     FFN width, hidden size (``widen("tok")``: the residual stream, an integer multiple of the
     small width, since LayerNorm normalises over it) and heads (``widen_heads`` on each block's
     ``q``; ``k`` and ``v`` follow) first, then depth, so that new blocks copy grown blocks.
     Depth uses ``kind="block"`` (an identity transformer block) where the engine has it, else a
-    zero residual MLP after each block's FFN (``kind="residual"``).
+    zero residual MLP after each block's FFN (``kind="residual"``). ``ffn_init`` and
+    ``heads_init`` are the ``init=`` of the FFN and heads growths (the hidden size, normalised
+    by LayerNorm, grows by copies only).
     """
     ops: list[tuple[str, str, dict]] = []
     if large.d_ff > small.d_ff:
-        ops += [("widen", f"blocks.{i}.fc1", {"width": large.d_ff})
+        ops += [("widen", f"blocks.{i}.fc1", {"width": large.d_ff, "init": ffn_init})
                 for i in range(small.n_layers)]
     if large.d_model > small.d_model:
         ops.append(("widen", "tok", {"width": large.d_model}))
     if large.n_heads > small.n_heads:
-        ops += [("widen_heads", f"blocks.{i}.q", {"heads": large.n_heads})
+        ops += [("widen_heads", f"blocks.{i}.q", {"heads": large.n_heads, "init": heads_init})
                 for i in range(small.n_layers)]
     extra = large.n_layers - small.n_layers
     if "block" in KINDS:
@@ -225,7 +238,8 @@ def train(model: nn.Module, data: Tensor, windows: Tensor, cfg: Config, seed: in
     for step in range(cfg.steps):
         if step == grow_step:
             start = time.perf_counter()
-            events = grow(model, growth_operations(cfg.small, cfg.large), opt, windows, grow_gen)
+            ops = growth_operations(cfg.small, cfg.large, cfg.ffn_init, cfg.heads_init)
+            events = grow(model, ops, opt, windows, grow_gen)
             seconds += time.perf_counter() - start
             per_token = flops_per_token(model, cfg.small.context)
             if writer is not None:

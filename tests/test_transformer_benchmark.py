@@ -72,6 +72,29 @@ def test_growth_of_the_gpt_keeps_its_loss() -> None:
     assert val_loss(net, windows) < before - 0.01
 
 
+def test_growth_recipe_options_keep_the_loss_and_change_the_new_units() -> None:
+    """--ffn-init vt / --heads-init zero: still exact; new FFN units come in (Z, -Z) pairs of
+    outgoing weights and new heads get zero output columns (not copies)."""
+    torch.manual_seed(1)
+    small, large = GPTConfig(16, 1, 2, 32, 16), GPTConfig(16, 1, 4, 64, 16)
+    _, val = stdlib_corpus(40_000)
+    windows = val_windows(val, 16, 8)
+    net = GrowableNetwork(GPT(small), windows)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    ops = growth_operations(small, large, ffn_init="vt", heads_init="zero")
+    assert {op[2].get("init") for op in ops} == {"vt", "zero"}
+    events = grow(net, ops, opt, windows, torch.Generator().manual_seed(0))
+    assert all(e["status"] == "grown" and e["rel_loss_change"] <= 1e-5 for e in events), events
+    fc1, fc2 = net.get_submodule("blocks.0.fc1"), net.get_submodule("blocks.0.fc2")
+    assert fc2.weight[:, 32:].abs().sum() > 0  # not zero, as copies' split weights are not
+    h = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the new units' outgoing (Z, -Z) pairs cancel on any input
+        new_part = torch.nn.functional.gelu(fc1(h))[:, 32:] @ fc2.weight[:, 32:].T
+    assert new_part.abs().max() < 1e-5
+    proj = net.get_submodule("blocks.0.proj").weight
+    assert torch.count_nonzero(proj[:, 16:]) == 0  # new heads (2 of width 8) read as zero
+
+
 def test_quick_run_writes_its_outputs(tmp_path) -> None:
     out, runs = tmp_path / "results", tmp_path / "runs"
     assert main(["transformer", "--quick", "--out-dir", str(out), "--runs-dir", str(runs)]) == 0
