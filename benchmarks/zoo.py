@@ -217,7 +217,8 @@ def relative_change(before: list[Tensor], after: list[Tensor]) -> float:
     return err / max(scale, 1e-12)
 
 
-_EXACT_WIDTHS = re.compile(r"exact widths[^:]*:\s*([\d,\s]+)", re.IGNORECASE)
+#: "exact widths for this layer: 64, 96, ..." and "exact widths for this layer are 40, 48, ..."
+_EXACT_WIDTHS = re.compile(r"exact widths[^:\d]*?(?::|\bare\b)\s*([\d,\s]+)", re.IGNORECASE)
 
 
 def exact_width(message: str, width: int) -> int | None:

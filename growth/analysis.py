@@ -347,8 +347,8 @@ def analyse(root: nn.Module, graph: fx.Graph) -> ChannelAnalysis:
                 layout = ctx.opaque(
                     node, f"is a {type(module).__name__}, a layer type with no growth rule"
                 )
-            elif _reads_heads(ctx, node):
-                layout = ctx.opaque(node, HEADS_REASON)
+            elif _reads_heads(ctx, node) and type(module) is not nn.Identity:
+                layout = ctx.opaque(node, HEADS_REASON)  # nn.Identity: timm's default q_norm
             else:
                 if any(True for _ in module.parameters(recurse=False)) or any(
                     True for _ in module.buffers(recurse=False)

@@ -1,8 +1,9 @@
 """Growing attention heads written out (q/k/v ``Linear`` -> heads -> scaled dot-product attention).
 
 The analysis (:mod:`growth.rules.heads`) marks the space of q, k and v (joined; or the three
-blocks of one fused projection) with its head structure: ``heads`` heads of ``head_dim`` units
-per block. Two growths of that space are exact:
+blocks of one fused projection, split by ``.split``/``.chunk`` or by timm's ``reshape(B, N, 3,
+H, D)`` + ``unbind``: :mod:`growth.rules.fused_heads`) with its head structure: ``heads``
+heads of ``head_dim`` units per block. Two growths of that space are exact:
 
 - **more heads** (``mode="heads"``, what ``widen`` does with a width that is a multiple of the
   head width): each new head copies every q, k and v unit of an existing head, so it computes
@@ -43,7 +44,7 @@ MODES = ("heads", "head_dim")
 _HEAD_DIM_OPS = frozenset(
     {
         "view", "reshape", "unflatten", "flatten", "transpose", "permute", "movedim",
-        "contiguous", "clone", "to", "float", "split", "chunk", "getitem", "size",
+        "contiguous", "clone", "to", "float", "split", "chunk", "unbind", "getitem", "size",
         "scaled_dot_product_attention", "dropout",
         "getattr",  # a shape read (rules.heads.HeadShape refuses any other attribute)
     }

@@ -45,8 +45,9 @@ from .functions import (
     Squeeze,
     Unary,
 )
+from .fused_heads import HeadsIndex, Unbind
 from .heads import HeadShape, ScaledDotProductAttention, Split, Unflatten
-from .indexing import Expand, Index
+from .indexing import Expand
 from .linear import EmbeddingRule, LinearRule
 from .norm import ChannelwiseRule, GroupNormRule, LayerNormRule, PReLURule
 from .optional import ChannelsFirstLayerNormRule, Conv1DRule
@@ -330,11 +331,12 @@ _BUILTIN_FUNCTIONS: list[tuple[tuple[Callable, ...], FunctionRule]] = [
     ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), _SOFTMAX),
     ((getattr,), HeadShape()),  # a Python value; on attention heads, checked
     ((torch.arange,), _NON_TENSOR),  # positions: a tensor without channels
-    ((operator.getitem,), Index()),
+    ((operator.getitem,), HeadsIndex()),  # rules.indexing.Index, and q/k/v of fused heads
     ((torch.rsqrt,), _UNARY),
     ((F.scaled_dot_product_attention,), ScaledDotProductAttention()),
     ((torch.unflatten,), Unflatten()),
     ((torch.split, torch.chunk), Split()),
+    ((torch.unbind,), Unbind()),
 ]
 
 #: The built-in tensor methods: (names, rule).
@@ -368,6 +370,7 @@ _BUILTIN_METHODS: list[tuple[tuple[str, ...], FunctionRule]] = [
     (("expand",), Expand()),
     (("unflatten",), Unflatten()),
     (("split", "chunk"), Split()),
+    (("unbind",), Unbind()),
 ]
 # fmt: on
 

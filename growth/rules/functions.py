@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from ._infra import FunctionRule
+from .fused_heads import is_stacked, stacked_refusal
 from .heads import merge_heads, permute_heads, reshape_heads
 from .residual_norm import normalise_channels
 from .shape_ops import flatten_layout, normalise_dim, reshape_layout
@@ -115,6 +116,8 @@ class Flatten(FunctionRule):
             return ctx.fixed(node, f"output of {node.name}")
         start = ctx.arg(node, 1, "start_dim", 0)
         end = ctx.arg(node, 2, "end_dim", -1)
+        if is_stacked(layout):
+            return stacked_refusal(ctx, node)
         if layout.inner is not None:
             out_shape = ctx.shape(node)
             s, e = normalise_dim(start, len(shape)), normalise_dim(end, len(shape))

@@ -10,8 +10,15 @@ and records on the space how many heads its units form. Scaled dot-product atten
 spaces of q, k and v (their heads and positions within a head must correspond), and growth of
 that space is planned by :mod:`growth.heads`: by whole heads, or by a wider head.
 
+timm's form, one ``reshape(B, N, 3, H, D)`` of the fused projection into blocks and heads at
+once, then ``permute`` and ``unbind(0)`` (or ``qkv[i]``), is followed by
+:mod:`growth.rules.fused_heads` into the same per-block head layouts as ``.split``; its merge
+back ``x.transpose(1, 2).reshape(B, N, C)`` with ``C`` a number is rewritten like any channel
+count, with ``C`` read from a shape it is refused (:func:`check_head_sizes`).
+
 Every other op reading a head layout is refused by the analysis (``analysis.HEADS_REASON``), so
-nothing the rules here do not know can see heads grow.
+nothing the rules here do not know can see heads grow. ``nn.Identity`` (timm's default
+``q_norm``/``k_norm``) passes heads on; any other layer reading them is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from torch import fx
 from ..errors import UnsupportedLayerError
 from ..layout import Layout, Segment
 from ._infra import FunctionRule
+from .fused_heads import (
+    StackedHeads,
+    is_stacked,
+    permute_stacked,
+    split_into_stacked_heads,
+    stacked_refusal,
+)
 from .shape_ops import normalise_dim
 
 
@@ -63,18 +77,28 @@ def _size_at(node: fx.Node, sizes: list[Any], packed: bool, first: int, i: int) 
     return sizes[i], ((first, i) if packed else (first + i, None))
 
 
-def _check_sizes(ctx: Any, node: fx.Node, layout: Layout, items: list[tuple[Any, tuple, str]]):
+def check_head_sizes(
+    ctx: Any, node: fx.Node, layout: Layout, items: list[tuple[Any, tuple, str]]
+) -> None:
     """Record the literal head count / head width of a split or merge, or refuse sizes computed
     at run time (their growth cannot be followed)."""
     space = layout.segments[0].space
     for value, where, kind in items:
-        if isinstance(value, fx.Node):
+        if isinstance(value, fx.Node) and kind == "merged":
+            reason = (
+                f"{_describe(node)} merges attention heads back into channels with a size "
+                f"computed in forward ({value.name}, e.g. C read from x.shape); net2grow cannot "
+                f"follow it when heads or widths grow. Write -1 or the number there "
+                f"(x.reshape(B, N, -1)), or use x.flatten(2)"
+            )
+        elif isinstance(value, fx.Node):
             reason = (
                 f"{_describe(node)} splits channels into attention heads with a size computed "
                 f"in forward ({value.name}); net2grow cannot follow it when widths grow. Write "
                 f"the number of heads as a number and -1 for the head width (x.view(b, t, "
                 f"n_head, -1), x.unflatten(-1, (n_head, -1)), back with x.flatten(-2))"
             )
+        if isinstance(value, fx.Node):
             ctx.spaces.block_layout(layout, reason, UnsupportedLayerError)
             block_size_sources(ctx, value, reason)
         elif isinstance(value, int) and value != -1 and kind != "merged":
@@ -113,7 +137,7 @@ def split_into_heads(
     out = Layout(d, layout.segments, d + 1)
     if sizes is not None:
         (h, h_at), (w, w_at) = sizes
-        _check_sizes(ctx, node, out, [(h, h_at, "heads"), (w, w_at, "head_dim")])
+        check_head_sizes(ctx, node, out, [(h, h_at, "heads"), (w, w_at, "head_dim")])
     return out
 
 
@@ -143,7 +167,7 @@ def merge_heads(
             return ctx.opaque(node, "merges heads into a channel count it hard-codes")
         if isinstance(value, int) and value != -1:
             ctx.literals.append((node, where, out))  # rewritten like any channel count
-        _check_sizes(ctx, node, out, [(value, where, "merged")])
+        check_head_sizes(ctx, node, out, [(value, where, "merged")])
     return out
 
 
@@ -187,7 +211,7 @@ def _same_heads_reshape(
             if not ok or ctx.spaces.find(read[0].segments[0].space) != space:
                 return ctx.opaque(node, "reshapes attention heads to sizes of other heads")
         elif isinstance(value, int):
-            _check_sizes(ctx, node, layout, [(value, where, _role(layout, dim) or "heads")])
+            check_head_sizes(ctx, node, layout, [(value, where, _role(layout, dim) or "heads")])
         else:
             return ctx.opaque(node, "reshapes attention heads to sizes computed in forward")
     return Layout(layout.dim, layout.segments, layout.inner)
@@ -203,6 +227,8 @@ def reshape_heads(ctx: Any, node: fx.Node, first: int = 1) -> Layout | bool | No
     sizes, packed = _sizes(node, first)
     if len(sizes) != len(out_shape):
         sizes = None
+    if is_stacked(layout):
+        return stacked_refusal(ctx, node)
     if layout.inner is not None and tuple(in_shape) == tuple(out_shape):
         return _same_heads_reshape(ctx, node, layout, sizes, packed, first)
     if layout.inner is not None:
@@ -215,11 +241,18 @@ def reshape_heads(ctx: Any, node: fx.Node, first: int = 1) -> Layout | bool | No
     if sizes and d + 1 < len(sizes):
         pair = [_size_at(node, sizes, packed, first, j) for j in (d, d + 1)]
     result = split_into_heads(ctx, node, layout, in_shape, out_shape, pair)
+    if result is None:
+        triple = None
+        if sizes and d + 2 < len(sizes):
+            triple = [_size_at(node, sizes, packed, first, j) for j in (d, d + 1, d + 2)]
+        result = split_into_stacked_heads(ctx, node, layout, in_shape, out_shape, triple)
     return False if result is None else result
 
 
 def permute_heads(layout: Layout, where: Any) -> Layout:
     """A head layout after a permutation: ``where(old_dim) -> new_dim``."""
+    if isinstance(layout, StackedHeads):
+        return permute_stacked(layout, where)
     return Layout(where(layout.dim), layout.segments, where(layout.inner))
 
 
@@ -376,7 +409,7 @@ class ScaledDotProductAttention(FunctionRule):
             why = "uses enable_gqa (grouped heads)"
         elif isinstance(scale, fx.Node):
             why = "takes a scale computed in forward"
-        elif isinstance(mask, fx.Node):
+        elif isinstance(mask, fx.Node) and not _absent_input(mask):
             m = ctx.shape(mask)
             if m is None or (len(m) >= 3 and m[-3] != 1):
                 why = "takes an attn_mask with one mask per head"
@@ -415,3 +448,10 @@ class ScaledDotProductAttention(FunctionRule):
             )
         out = lays[2]
         return Layout(len(out_shape) - 3, out.segments, len(out_shape) - 1)
+
+
+def _absent_input(node: fx.Node) -> bool:
+    """Whether ``node`` is a network input that was None when traced (timm's ``attn_mask=None``
+    forwarded from the model's ``forward``). A mask passed later is either shared by all heads
+    (exact) or one per head of the old head count, which fails loudly once heads are added."""
+    return node.op == "placeholder" and "shape" in node.meta and node.meta["shape"] is None
