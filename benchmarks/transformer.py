@@ -85,10 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"bytes of stdlib source used (default {FULL['corpus_bytes']:,})")
     g.add_argument("--grow-at", type=float, default=0.25,
                    help="growth after this fraction of the steps (default %(default)s)")
-    g.add_argument("--ffn-init", choices=("net2net", "vt"), default="net2net",
+    g.add_argument("--ffn-init", choices=("net2net", "vt"), default="vt",
                    help="init of the new FFN units: copies, or Variance Transfer's paired units "
                         "(default %(default)s)")
-    g.add_argument("--heads-init", choices=("net2net", "zero"), default="net2net",
+    g.add_argument("--heads-init", choices=("net2net", "zero"), default="zero",
                    help="init of the new attention heads: copies, or random with zero output "
                         "columns (default %(default)s)")
     g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (%(default)s)")
@@ -154,7 +154,7 @@ def val_loss(model: nn.Module, windows: Tensor) -> float:
 
 
 def growth_operations(
-    small: GPTConfig, large: GPTConfig, ffn_init: str = "net2net", heads_init: str = "net2net"
+    small: GPTConfig, large: GPTConfig, ffn_init: str = "vt", heads_init: str = "zero"
 ) -> list[tuple[str, str, dict]]:
     """``(method, layer, kwargs)`` growth calls that turn ``small`` into ``large``'s shape.
 
