@@ -8,10 +8,16 @@
   counted MEMO-style, parameters (4 bytes each) plus the replay buffer (1 byte per input value:
   784 per Fashion-MNIST image, 64 per digits image), and the buffer is sized so that the
   total equals fixed ``--large`` Replay's with ``mem_size`` samples (:func:`expand_mem_size`).
+  Trained with the logit-adjusted loss (``Expand(adjust_logits=LOGIT_TAU)``: the replayed
+  classes are a small part of every minibatch, and the plain loss learns that imbalance into
+  the classifier and the new features).
 - ``expand-lateral`` (task-incremental): PNN-like. Same growth with ``protect="lateral"`` (new
   units read old ones, old units never read new ones), one head per task
   (``MultiTaskGrowableNetwork``), no replay and no auxiliary loss: the outputs of old tasks
-  are bit-identical after later training, so forgetting is exactly 0.
+  are bit-identical after later training, so forgetting is exactly 0. New units start as
+  noisy copies of frozen units (``Expand(inherit=True)``): freshly drawn first-layer units
+  could all die in a task's first epoch (ReLU, Adam), which left the task to the frozen
+  features alone.
 """
 
 from __future__ import annotations
@@ -28,10 +34,17 @@ from .models import count_params, memory_bytes
 
 EXPANSION_METHODS: dict[str, str] = {
     "expand": "class-IL, DER-style: protect='independent' growth --small -> --large, replay "
-    "at the total memory of fixed --large Replay (params x 4 B + buffer), auxiliary loss",
+    "at the total memory of fixed --large Replay (params x 4 B + buffer), auxiliary loss, "
+    "logit-adjusted loss",
     "expand-lateral": "task-IL, PNN-like: protect='lateral' growth --small -> --large, one "
-    "head per task (MultiTaskGrowableNetwork), no replay: forgetting exactly 0",
+    "head per task (MultiTaskGrowableNetwork), no replay: forgetting exactly 0; new units "
+    "start as copies of frozen ones (inherit=True)",
 }
+
+
+#: ``tau`` of ``expand``'s logit-adjusted loss (split-fmnist, seeds 0-2: 1 -> 0.803, 2 -> 0.809,
+#: 3 -> 0.809 final accuracy; the plain loss 0.792).
+LOGIT_TAU = 2.0
 
 
 def image_bytes(meta: Any) -> int:
@@ -131,12 +144,17 @@ def make_expansion_strategy(
     opt = torch.optim.Adam(net.parameters(), lr=setting.lr)
     if task_aware:
         strategy = Expand(
-            net, opt, growth=growth, protect="lateral", mem_size=0, aux_weight=0.0, **common
-        )
+            net, opt, growth=growth, protect="lateral", mem_size=0, aux_weight=0.0,
+            inherit=True, **common,
+        )  # fmt: skip
         strategy.memory = {"params_final": None, "mem_size": 0, "bytes": None}
         return strategy, net
     mem = expand_mem_size(model_fn, setting, meta, growth)
-    strategy = Expand(net, opt, growth=growth, protect="independent", mem_size=mem, **common)
+    plain = {k: v for k, v in common.items() if k != "criterion"}  # its own loss
+    strategy = Expand(
+        net, opt, growth=growth, protect="independent", mem_size=mem, adjust_logits=LOGIT_TAU,
+        **plain,
+    )  # fmt: skip
     params = final_params(model_fn, setting, meta, growth)
     strategy.memory = {
         "params_final": params,

@@ -16,7 +16,10 @@ reads old and new features and stays trainable. So:
 - :class:`BalancedHead`: DER's classifier stage, a plugin: after each experience, the
   classifier alone is retrained on the class-balanced replay buffer;
 - :class:`Expand`: the ready strategy: a ``GrowthPlugin`` with protected growth, Avalanche's
-  ``ReplayPlugin``, :class:`AuxiliaryLoss` and :class:`BalancedHead` installed.
+  ``ReplayPlugin``, :class:`AuxiliaryLoss` and :class:`BalancedHead` installed; optionally
+  new units copied from frozen ones (``inherit``, :mod:`strategies.expand_units`), weight
+  aligning of the classifier (``align``) and a logit-adjusted loss (``adjust_logits``,
+  :mod:`strategies.expand_loss`).
 
 The old units of a trained network compute, in eval mode, bit for bit what they computed when
 their experience ended, however long the new units train (``growth.protect``).
@@ -39,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..growth import GrowableNetwork, GrowthError
 from ..growth import protect as protection
 from ..growth.budget import growth_group
+from .expand_loss import LogitAdjustedLoss, ResetPrior
+from .expand_units import InheritUnits, WeightAlign
 from .plugin import GrowthPlugin, require_growable
 from .policies import GrowthPolicy, Widen, coupled_groups
 
@@ -331,15 +336,30 @@ class BalancedHead(SupervisedPlugin, supports_distributed=True):
         Epochs over the buffer (0: nothing).
     head : str, optional
         The classifier (default: :func:`feature_reader`).
+    temperature : float
+        Temperature of the stage's softmax: the loss is ``cross_entropy(logits / T, y)``
+        (DER's balanced finetuning uses one; 1: plain cross-entropy).
     """
 
-    def __init__(self, replay: ReplayPlugin, epochs: int, *, head: str | None = None) -> None:
+    def __init__(
+        self,
+        replay: ReplayPlugin,
+        epochs: int,
+        *,
+        head: str | None = None,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise GrowthError(f"balance_epochs must be an int >= 0, got {epochs!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0
+        ):
+            raise GrowthError(f"balance_temperature must be a number > 0, got {temperature!r}")
         self.replay = replay
         self.epochs = epochs
         self.head = head
+        self.temperature = float(temperature)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -375,7 +395,7 @@ class BalancedHead(SupervisedPlugin, supports_distributed=True):
                     captured.clear()
                     with torch.no_grad():
                         avalanche_forward(net, x, t)
-                    loss = F.cross_entropy(reader(captured[0]), y)
+                    loss = F.cross_entropy(reader(captured[0]) / self.temperature, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -393,8 +413,9 @@ class Expand(SupervisedTemplate):
     """DER-style class-incremental strategy: protected growth + replay + auxiliary loss.
 
     A ``SupervisedTemplate`` whose plugins are, in this order, a ``GrowthPlugin`` (``protect``
-    mode, :class:`NewUnits` policy), a ``ReplayPlugin``, :class:`AuxiliaryLoss`,
-    :class:`BalancedHead`, then the ``plugins`` given. Under ``torch.distributed`` give it the
+    mode, :class:`NewUnits` policy), ``InheritUnits`` (``inherit=True``), a ``ReplayPlugin``,
+    :class:`AuxiliaryLoss`, :class:`BalancedHead`, ``WeightAlign`` (``align=True``), then the
+    ``plugins`` given. Under ``torch.distributed`` give it the
     ``DistributedDataParallel`` wrapper of the network (``DistributedHelper.wrap_model(net)``).
 
     Before each experience but the first, every unit the network has is frozen and every hidden
@@ -434,6 +455,22 @@ class Expand(SupervisedTemplate):
         Epochs of DER's classifier stage after each experience with frozen units: only the
         classifier trains, on the (class-balanced) replay buffer (:class:`BalancedHead`;
         0: none, and none without replay).
+    balance_temperature : float
+        Softmax temperature of the classifier stage (:class:`BalancedHead`; 1: none).
+    align : bool
+        Weight aligning after each experience with frozen units (after the classifier stage):
+        the classifier rows of the new classes are rescaled to the old classes' mean norm
+        (:class:`strategies.expand_units.WeightAlign`).
+    adjust_logits : float
+        ``tau`` of a logit-adjusted training loss (:class:`strategies.expand_loss.
+        LogitAdjustedLoss`: ``cross_entropy(logits + tau * log(prior), y)``, the prior counted
+        from the experience's training labels, replay included), so that the unadjusted logits
+        fit class-balanced posteriors; 0: the plain ``criterion``. Not with a ``criterion``.
+    inherit : bool
+        New units start as noisy copies of frozen units of their layer (incoming weights from
+        the input and, ``"lateral"``, from frozen units; bias), not freshly drawn
+        (:class:`strategies.expand_units.InheritUnits`): they start alive on the data and at
+        the trained units' scale. Outgoing weights stay zero (function unchanged).
     head : str, optional
         The module whose input holds the features (:func:`feature_reader` by default).
     max_params : int, optional
@@ -452,6 +489,8 @@ class Expand(SupervisedTemplate):
     replay : ReplayPlugin or None
     aux : AuxiliaryLoss
     balance : BalancedHead or None
+    align : WeightAlign or None
+    inherit : InheritUnits or None
     """
 
     def __init__(
@@ -465,6 +504,10 @@ class Expand(SupervisedTemplate):
         mem_size: int = 200,
         aux_weight: float = 1.0,
         balance_epochs: int = 5,
+        balance_temperature: float = 1.0,
+        align: bool = False,
+        adjust_logits: float = 0.0,
+        inherit: bool = False,
         head: str | None = None,
         max_params: int | None = None,
         growth_options: dict[str, Any] | None = None,
@@ -500,20 +543,41 @@ class Expand(SupervisedTemplate):
             feature_reader(net)
         _check_protectable(net, protect)
         replay = ReplayPlugin(mem_size) if mem_size > 0 else None
-        balance = BalancedHead(replay, balance_epochs, head=head) if replay is not None else None
+        balance = (
+            BalancedHead(replay, balance_epochs, head=head, temperature=balance_temperature)
+            if replay is not None
+            else None
+        )
+        aligner = WeightAlign(head=head) if align else None
+        reset = None
+        if adjust_logits != 0:
+            if criterion is not None:
+                raise GrowthError(
+                    "Expand(adjust_logits=...) builds its own loss: drop criterion= or set "
+                    "adjust_logits=0"
+                )
+            criterion = LogitAdjustedLoss(adjust_logits)
+            reset = ResetPrior(criterion)
+        inheritor = InheritUnits() if inherit else None
         options = {"on_refusal": "raise", **(growth_options or {})}
         self.growth = GrowthPlugin(policy, max_params=max_params, protect=protect, **options)
         super().__init__(
             model=model,
             optimizer=optimizer,
             criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
-            plugins=[p for p in (self.growth, replay, aux, balance) if p is not None]
+            plugins=[
+                p
+                for p in (self.growth, reset, inheritor, replay, aux, balance, aligner)
+                if p is not None
+            ]
             + list(extra),
             **template_kwargs,
         )
         self.replay = replay
         self.aux = aux
         self.balance = balance
+        self.align = aligner
+        self.inherit = inheritor
 
 
 def _check_protectable(net: GrowableNetwork, mode: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from net2grow.benchmarks.expansion import (
     EXPANSION_METHODS,
+    LOGIT_TAU,
     expand_mem_size,
     final_params,
     growth_per_experience,
@@ -19,6 +20,7 @@ from net2grow.benchmarks.expansion import (
 )
 from net2grow.benchmarks.methods import Setting
 from net2grow.benchmarks.models import count_params, make_model
+from net2grow.strategies.expand_loss import LogitAdjustedLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -60,6 +62,8 @@ def test_expand_has_the_memory_of_fixed_large_replay(family: str) -> None:
     )
     assert strategy.memory == {"params_final": params, "mem_size": 200, "bytes": budget}
     assert strategy.replay.mem_size == 200 and strategy.growth.protect == "independent"
+    loss = strategy._criterion  # the logit-adjusted loss, not common()'s plain one
+    assert isinstance(loss, LogitAdjustedLoss) and loss.tau == LOGIT_TAU
     assert net.width(net.layers[0]) == 16
     # a wider growth pays for its parameters with replay samples (64 B each here)
     wide = {n: 13 for n in growth}  # 16 -> 68 units
@@ -85,6 +89,7 @@ def test_expand_lateral_is_task_incremental_and_bad_requests_are_refused() -> No
     )
     assert strategy.growth.protect == "lateral" and strategy.replay is None
     assert strategy.aux.weight == 0.0
+    assert strategy.inherit is not None  # new units start as copies of frozen ones
     out = net(torch.zeros(3, 64), torch.zeros(3, dtype=torch.long))
     assert out.shape == (3, 2)
     with pytest.raises(ValueError, match="--scenario task"):

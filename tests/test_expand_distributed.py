@@ -22,7 +22,14 @@ requires_gloo = pytest.mark.skipif(
 )
 
 
-def _rank_main() -> dict[str, Any]:
+#: Expand's optional plugins, by parametrisation id (passed to the ranks by name).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "inherit-align-adjusted": {"inherit": True, "align": True, "adjust_logits": 1.0},
+}
+
+
+def _rank_main(options: dict[str, Any]) -> dict[str, Any]:
     from avalanche.distributed import DistributedHelper
     from avalanche.training.plugins import EvaluationPlugin
     from torch import nn
@@ -51,6 +58,7 @@ def _rank_main() -> dict[str, Any]:
         evaluator=EvaluationPlugin(loggers=[]),
         device="cpu",
         growth_options={"generator": 0},
+        **options,
     )
 
     @torch.no_grad()
@@ -73,14 +81,15 @@ def _rank_main() -> dict[str, Any]:
     return out
 
 
-def _worker_main(out_dir: str) -> None:
-    run_avalanche_rank(out_dir, lambda rank: _rank_main(), timeout_s=60)
+def _worker_main(out_dir: str, option: str) -> None:
+    run_avalanche_rank(out_dir, lambda rank: _rank_main(OPTIONS[option]), timeout_s=60)
 
 
 @requires_gloo
-def test_expand_keeps_old_units_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_expand_keeps_old_units_on_every_rank(tmp_path: Path, option: str) -> None:
     ranks = launch(
-        __file__, [str(tmp_path)], tmp_path, world=WORLD, timeout_s=JOB_TIMEOUT_S,
+        __file__, [str(tmp_path), option], tmp_path, world=WORLD, timeout_s=JOB_TIMEOUT_S,
         label="two-process Expand job",
     )  # fmt: skip
     for r in ranks:
@@ -101,4 +110,4 @@ def test_expand_keeps_old_units_on_every_rank(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    _worker_main(sys.argv[1], sys.argv[2])

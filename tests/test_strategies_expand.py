@@ -257,11 +257,20 @@ def test_masks_survive_save_load_and_growth_continues(stream, tmp_path: Path) ->
     assert protection.violations(loaded) == []
 
 
-def test_resume_run_continues_bit_identically(stream, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"protect": "lateral", "inherit": True, "align": True, "balance_temperature": 2.0}],
+    ids=["default", "inherit-align"],
+)
+def test_resume_run_continues_bit_identically(
+    stream, tmp_path: Path, options: dict[str, Any]
+) -> None:
     from net2grow.strategies.resume import load_run, save_run
 
     def fresh() -> Expand:
-        return expand(build("mlp"), train_epochs=1, evaluator=EvaluationPlugin(loggers=[]))
+        return expand(
+            build("mlp"), train_epochs=1, evaluator=EvaluationPlugin(loggers=[]), **options
+        )
 
     torch.manual_seed(5)
     whole = fresh()
@@ -277,13 +286,16 @@ def test_resume_run_continues_bit_identically(stream, tmp_path: Path) -> None:
     state = load_run(tmp_path / "run.n2g", resumed, config="expand")
     assert state is not None and state.position == 2
     net = resumed.model
-    assert protection.mode(net) == "independent"
+    assert protection.mode(net) == options.get("protect", "independent")
     masks = protection.frozen_masks(first.model)
     assert all(torch.equal(m, protection.frozen_masks(net)[k]) for k, m in masks.items())
     resumed.train(stream.train_stream[2])
     assert_state_equal(resumed.model, snapshot(whole.model))
     assert resumed.aux.losses == whole.aux.losses
     assert protection.violations(resumed.model) == []
+    if options.get("align"):
+        assert resumed.align is not None and whole.align is not None
+        assert resumed.align.gammas == whole.align.gammas and len(whole.align.gammas) == 2
 
 
 # --------------------------------------------------------------------------------------------
