@@ -234,7 +234,9 @@ class PlannedModule:
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
-    for p in module.parameters(recurse=False):
+    """The dtype of the maps ``module``'s rule gets: its own parameters', else its children's
+    (a leaf layer holding only submodules, such as Swin's patch merging)."""
+    for p in [*module.parameters(recurse=False), *module.parameters()]:
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()

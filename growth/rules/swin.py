@@ -308,7 +308,6 @@ class PatchMergingRule(LastDimFollower):
         red_steps = []
         v2 = _merging_v2(module)
         if in_map is not None:
-            in_map = _resummed(in_map, module.dim, module.reduction.weight.dtype)
             merged = stacked_map(in_map, MERGED_BLOCKS, module.dim)
             red_steps.append(AxisStep(1, merged, "in"))
             update.attrs.update({"dim": in_size, "reduction.in_features": 4 * in_size})
@@ -323,16 +322,6 @@ class PatchMergingRule(LastDimFollower):
         if module.reduction.bias is not None and out_map is not None:
             update.tensors["reduction.bias"] = TensorGrowth([AxisStep(0, out_map, "out")], "zeros")
         return update
-
-
-def _resummed(amap: AxisMap, old: int, dtype: torch.dtype) -> AxisMap:
-    """``amap`` (over ``old`` positions) with its shares in ``dtype``, summing to one per old
-    position there. The engine casts a layer's maps to the dtype of its own parameters, and a
-    merging layer has none (only its children do): in a float64 network its shares arrive
-    rounded to float32 and would no longer sum to one."""
-    share = amap.share.to(dtype)
-    sums = torch.zeros(old, dtype=dtype, device=share.device).index_add_(0, amap.source, share)
-    return AxisMap(amap.source, amap.original, share / sums[amap.source], amap.prefix)
 
 
 def _grow_norm(update: ModuleUpdate, norm: nn.LayerNorm, amap: AxisMap, size: int) -> None:
