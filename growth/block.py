@@ -20,10 +20,9 @@ from torch import fx, nn
 
 from . import limits
 from .changes import GrowthChanges
+from .deepen import install_inserted
 from .errors import GrowthError
-from .optim import add_params, remove_params
 from .rules import PassThroughRule, module_rule_for
-from .verify import check_preserved, reference_output
 
 if TYPE_CHECKING:
     from .network import GrowableNetwork
@@ -215,29 +214,14 @@ def insert_block(
     for user in users:
         user.replace_input_with(anchor, env[out])
 
-    before = reference_output(net) if verify else None
-    old_graph = net.graph
     new_block.train(block.training)
-    with net._atomic() as tx:
-        if grown is None:
-            grown = nn.Module()
-            grown.train(net.training)
-            tx.set_attr(net, "grown", grown)
-        tx.set_attr(grown, stem, new_block)
-        new_params = list(new_block.parameters())
-        if optimizer is not None:
-            like = next(block.parameters(), None)
-            add_params(optimizer, new_params, like)
-            tx.on_rollback(lambda: remove_params(optimizer, new_params))
-        tx.on_rollback(lambda: setattr(net, "_graph", old_graph))
-        net._graph = new_graph
-        net._recompile()
-        err = check_preserved(net, before, 0.0, name)
+    err, changes = install_inserted(
+        net, [(stem, new_block)], new_graph, optimizer=optimizer,
+        like=next(block.parameters(), None), verify=verify, name=name,
+    )
     details = {
         "kind": "block",
         "inserted": [new_name],
         "zeroed": [f"{new_name}.{rel}" for rel, _ in targets],
     }
-    names = {id(p): n for n, p in net.named_parameters()}
-    changes = GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
     return width, (err, details, changes)

@@ -246,9 +246,36 @@ def deepen(
         m.train(module.training)  # new layers follow the mode of the layer they extend
     new_graph = insert_after(net.graph, chain.nodes[-1], targets, residual=kind == "residual")
 
+    err, changes = install_inserted(
+        net, new_modules, new_graph, optimizer=optimizer, like=next(module.parameters(), None),
+        verify=verify, name=name,
+    )
+    details = {
+        "kind": kind,
+        "inserted": [f"grown.{n}" for n, _ in new_modules],
+        "activation": type(new_act).__name__ if new_act is not None else None,
+    }
+    return err, details, changes
+
+
+def install_inserted(
+    net: GrowableNetwork,
+    new_modules: list[tuple[str, nn.Module]],
+    new_graph: fx.Graph,
+    *,
+    optimizer: torch.optim.Optimizer | None,
+    like: Tensor | None,
+    verify: bool,
+    name: str,
+) -> tuple[float | None, GrowthChanges]:
+    """Install ``new_modules`` under ``net.grown`` and ``new_graph`` (which calls them) in one
+    transaction: their parameters join ``optimizer`` in ``like``'s param group, and a change of
+    the function (measured when ``verify``) undoes it all. Returns the change on the probe batch
+    and the :class:`GrowthChanges` (new parameters only) of an insertion after layer ``name``."""
     before = reference_output(net) if verify else None
     old_graph = net.graph
     with net._atomic() as tx:
+        grown = net._modules.get("grown")
         if grown is None:
             grown = nn.Module()
             grown.train(net.training)
@@ -257,19 +284,14 @@ def deepen(
             tx.set_attr(grown, n, m)
         new_params = [p for _, m in new_modules for p in m.parameters()]
         if optimizer is not None:
-            add_params(optimizer, new_params, module.weight)
+            add_params(optimizer, new_params, like)
             tx.on_rollback(lambda: remove_params(optimizer, new_params))
         tx.on_rollback(lambda: setattr(net, "_graph", old_graph))
         net._graph = new_graph
         net._recompile()
         err = check_preserved(net, before, 0.0, name)
-    details = {
-        "kind": kind,
-        "inserted": [f"grown.{n}" for n, _ in new_modules],
-        "activation": type(new_act).__name__ if new_act is not None else None,
-    }
     names = {id(p): n for n, p in net.named_parameters()}
-    return err, details, GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
+    return err, GrowthChanges("identity", {}, [names[id(p)] for p in new_params])
 
 
 def new_layer(rule: Any, module: nn.Module, width: int, kind: str) -> nn.Module | None:

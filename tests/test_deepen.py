@@ -901,6 +901,21 @@ def test_deepen_after_multihead_attention_follows_its_output_item(kind: str) -> 
     assert "getitem = mha[0]" in net.code and first in net.code  # after item 0, not the tuple
 
 
+def test_deepen_after_multihead_attention_joins_the_optimizer() -> None:
+    """A layer without ``.weight`` (its parameters are in_proj_weight, ...): the new layers
+    join the param group of its first parameter."""
+    torch.manual_seed(4)
+    x = randn(8, 5, 4)
+    net = build(SelfAttention(), x)
+    opt = torch.optim.Adam([{"params": list(net.mha.parameters()), "lr": 0.5},
+                            {"params": list(net.fc.parameters()), "lr": 0.1}])
+    rec = net.deepen("mha", kind="residual", optimizer=opt)
+    new = list(grown_module(net, rec).parameters())
+    assert new and all(any(p is q for q in opt.param_groups[0]["params"]) for p in new)
+    net(x).sum().backward()
+    opt.step()
+
+
 class Lookup(nn.Embedding):
     """A layer type whose registered rule has no identity layer."""
 
