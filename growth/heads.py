@@ -233,26 +233,16 @@ def scale_producers(
             ]
 
 
-def rewrite_head_literals(
+def head_literal_values(
     analysis: ChannelAnalysis, group: int, sizes: tuple[int, int]
-) -> list[tuple[fx.Node, tuple]]:
-    """Write the new head count and head width into the graph's literal sizes; returns the
-    ``(node, old_args)`` changed."""
-    changed = []
-    for node, (arg, item), space, kind in analysis.head_literals:
-        if analysis.spaces.find(space) != group:
-            continue
-        new = sizes[0] if kind == "heads" else sizes[1]
-        old_args = node.args
-        args = list(old_args)
-        if item is None:
-            args[arg] = new
-        else:
-            args[arg] = type(args[arg])(new if i == item else v for i, v in enumerate(args[arg]))
-        if tuple(args) != old_args:
-            node.args = tuple(args)
-            changed.append((node, old_args))
-    return changed
+) -> list[tuple[fx.Node, tuple[int, int | None], int]]:
+    """``(node, (arg, item), value)``: the new head count or head width of every literal size
+    of ``group``'s heads in the graph (``widen.rewrite_literals`` writes them)."""
+    return [
+        (node, where, sizes[0] if kind == "heads" else sizes[1])
+        for node, where, space, kind in analysis.head_literals
+        if analysis.spaces.find(space) == group
+    ]
 
 
 def head_shape(layout: Any, shape: list[int], sizes: tuple[int, int]) -> list[int]:

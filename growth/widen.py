@@ -17,10 +17,10 @@ from .generators import DeviceGenerators
 from .heads import (
     check_head_growth,
     check_only_linear_paths,
+    head_literal_values,
     head_mappings,
     head_shape,
     new_sizes,
-    rewrite_head_literals,
     scale_producers,
 )
 from .limits import MAPPING_BYTES_PER_UNIT
@@ -177,24 +177,25 @@ def rewrite_literals(
     ``group`` grown to ``new_units`` units (and head counts and widths, for attention heads
     grown to ``head_sizes``), and recompile; the transaction undoes it."""
     analysis = net.analysis
-    changed = False
+    writes = []
     if head_sizes is not None:
-        for node, old_args in rewrite_head_literals(analysis, group, head_sizes):
-            tx.on_rollback(lambda node=node, old_args=old_args: setattr(node, "args", old_args))
-            changed = True
-    for node, (arg, item), layout in analysis.literals:
+        writes += head_literal_values(analysis, group, head_sizes)
+    for node, where, layout in analysis.literals:
         new = grown_layout(layout, analysis.spaces, group, new_units).size
-        if new == layout.size:
-            continue
+        if new != layout.size:
+            writes.append((node, where, new))
+    changed = False
+    for node, (arg, item), new in writes:
         old_args = node.args
         args = list(old_args)
         if item is None:
             args[arg] = new
         else:
             args[arg] = type(args[arg])(new if i == item else v for i, v in enumerate(args[arg]))
-        node.args = tuple(args)
-        tx.on_rollback(lambda node=node, old_args=old_args: setattr(node, "args", old_args))
-        changed = True
+        if tuple(args) != old_args:
+            node.args = tuple(args)
+            tx.on_rollback(lambda node=node, old_args=old_args: setattr(node, "args", old_args))
+            changed = True
     if changed:
         net._recompile()
 
