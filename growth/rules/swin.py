@@ -107,6 +107,16 @@ def _x(node: fx.Node) -> Any:
     return node.args[0] if node.args else node.kwargs.get("x")
 
 
+def _channels_last(layout: Layout | None, shape: tuple[int, ...] | None) -> bool:
+    """True when ``layout`` holds plain channels (not heads) on the last dim of ``shape``."""
+    return (
+        layout is not None
+        and shape is not None
+        and layout.dim == len(shape) - 1
+        and layout.inner is None
+    )
+
+
 class ShiftedWindowAttentionRule(LastDimFollower):
     """torchvision's ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``: window
     self-attention over channels-last ``[B, H, W, C]``; its width is ``C``, grown by whole heads
@@ -122,12 +132,7 @@ class ShiftedWindowAttentionRule(LastDimFollower):
         out_shape = ctx.shape(node)
         out = Layout(len(out_shape) - 1 if out_shape else 3, (Segment(space, width),))
         why = _problem(module)
-        if why is None and (
-            layout is None
-            or shape is None
-            or layout.dim != len(shape) - 1
-            or layout.inner is not None
-        ):
+        if why is None and not _channels_last(layout, shape):
             why = "reads an input whose channels are not its last dimension ([B, H, W, C])"
         if why is not None:
             reason = (
@@ -275,12 +280,7 @@ class PatchMergingRule(LastDimFollower):
         out = Layout(len(out_shape) - 1 if out_shape else 3, (Segment(space, width),))
         who = f"layer {name!r} ({type(module).__name__})"
         why = _merging_problem(module)
-        if why is None and (
-            layout is None
-            or shape is None
-            or layout.dim != len(shape) - 1
-            or layout.inner is not None
-        ):
+        if why is None and not _channels_last(layout, shape):
             why = "reads an input whose channels are not its last dimension ([..., H, W, C])"
         if why is not None:
             ctx.spaces.block_layout(
