@@ -104,6 +104,18 @@ def assert_preserved(after: Tensor, before: Tensor, rel: float = 1e-5) -> None:
     assert r <= rel, f"outputs changed by {r:.3g} of their scale (allowed {rel:g})"
 
 
+def assert_computes_like(ref: nn.Module, net: nn.Module, x: Tensor, rel: float = 1e-5) -> None:
+    """``net`` computes what ``ref`` computes on ``x``, in eval and in train mode (max abs
+    difference within ``rel`` of ``ref``'s largest output)."""
+    for train in (False, True):
+        ref.train(train)
+        net.train(train)
+        with torch.no_grad():
+            a, b = ref(x), net(x)
+        err = float((a - b).abs().max())
+        assert err <= rel * float(a.abs().max()), (train, err)
+
+
 def widen_checked(net, name: str, width: int | None = None, *, inputs: Sequence[Tensor], **kw):
     """Widen ``name`` and assert the outputs on ``inputs`` (not the probe) are preserved."""
     before = outputs(net, *inputs)

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import assert_computes_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -84,17 +85,6 @@ def _model(seed: int, **kw) -> Model:
     return model
 
 
-def _close(ref: nn.Module, net: nn.Module, x: Tensor, rel: float = 1e-5) -> None:
-    """``net`` computes what ``ref`` computes, in eval and train mode."""
-    for train in (False, True):
-        ref.train(train)
-        net.train(train)
-        with torch.no_grad():
-            a, b = ref(x), net(x)
-        err = float((a - b).abs().max())
-        assert err <= rel * float(a.abs().max()), (train, err)
-
-
 def _snapshot(net: GrowableNetwork) -> tuple[str, dict[str, Tensor]]:
     return net.code, {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -123,7 +113,7 @@ def test_more_heads_and_wider_heads_are_exact(how: str) -> None:
     assert net.attn.qkv.out_features == 84 and net.attn.proj.in_features == 28
     # the literal sizes follow: 3 blocks stay, heads and head width rewritten, C rewritten
     assert ", 3, 4, 7)" in net.code and ", 28)" in net.code
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
     net.train()
     net(x).sum().backward()  # training goes on: the new heads' rows get gradients
     assert float(net.attn.qkv.weight.grad[8:12].abs().sum()) > 0
@@ -146,7 +136,7 @@ def test_merge_with_minus_one_grows_and_with_c_read_from_the_input_is_refused() 
     net = GrowableNetwork(model, x)
     net.widen("attn.qkv", 36)
     net.widen_heads("attn.qkv", head_dim=5)
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
     net = GrowableNetwork(_model(7, merge="C"), x)
     snap = _snapshot(net)
     fix = r"merges attention heads back into channels with a size computed in forward.*-1"
@@ -165,7 +155,7 @@ def test_hidden_size_still_grows_around_the_attention() -> None:
     net.widen("inp", 16)  # the residual stream: qkv's input, proj's output, LayerNorm
     assert net.attn.qkv.in_features == 16 and net.attn.proj.out_features == 16
     net.widen("attn.qkv", 48)
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +236,7 @@ def test_property_fused_heads_grow_exactly(
         op()
     assert net.attn.qkv.out_features == 3 * (heads + more) * (head_dim + wider)
     assert net.attn.proj.in_features == (heads + more) * (head_dim + wider)
-    _close(ref, net, x, rel=2e-5)
+    assert_computes_like(ref, net, x, rel=2e-5)
 
 
 # --- timm itself ------------------------------------------------------------------------------
@@ -264,7 +254,7 @@ def test_timm_attention_grows_heads_exactly() -> None:
     net.widen("qkv", 72)  # 3 heads of 8
     net.widen_heads("qkv", head_dim=11)
     assert net.qkv.out_features == 99 and net.proj.in_features == 33
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
 
 
 def test_timm_attention_with_qk_norm_is_refused() -> None:
@@ -293,4 +283,4 @@ def test_timm_vit_blocks_grow_heads_exactly() -> None:
     net.widen_heads("blocks.0.attn.qkv", heads=5, init="zero")
     assert net.blocks[1].attn.proj.in_features == 256
     assert net.blocks[2].attn.proj.in_features == 210
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)

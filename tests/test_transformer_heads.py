@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import assert_computes_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -17,17 +18,6 @@ from net2grow.benchmarks.gpt import GPT, GPTConfig
 from net2grow.growth import GrowableNetwork, GrowthError
 
 torch.set_num_threads(1)
-
-
-def _close(ref: nn.Module, net: GrowableNetwork, x: Tensor, rel: float = 1e-5) -> None:
-    """``net`` computes what ``ref`` computes, in eval and train mode."""
-    for train in (False, True):
-        ref.train(train)
-        net.train(train)
-        with torch.no_grad():
-            a, b = ref(x), net(x)
-        err = float((a - b).abs().max())
-        assert err <= rel * float(a.abs().max()), (train, err)
 
 
 def _gpt(seed: int = 0, d: int = 16, heads: int = 2, layers: int = 2) -> GPT:
@@ -88,7 +78,7 @@ def test_gpt_heads_added_by_widen_and_by_widen_heads_are_exact() -> None:
     assert "unflatten(-1, (4, -1))" in net.code
     rec = net.widen_heads("blocks.1.v", heads=3, init="zero")
     assert rec.details["heads"] == 3
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
 
 
 def test_gpt_wider_heads_keep_every_attention_score() -> None:
@@ -100,7 +90,7 @@ def test_gpt_wider_heads_keep_every_attention_score() -> None:
     assert (rec.details["heads"], rec.details["head_dim"]) == (2, 13)
     net.widen_heads("blocks.1.q", head_dim=16, split="equal")
     assert net.blocks[0].q.out_features == 26 and net.blocks[1].v.out_features == 32
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
     # and training goes on: gradients reach the new positions
     net.train()
     net(x).sum().backward()
@@ -141,7 +131,7 @@ def test_fused_qkv_grows_heads_and_head_width(how: str) -> None:
     if how == "split":
         assert ".split(35, dim = 2)" in net.code
     assert net.code.count(", 5, 7)") == 3 and ", 35)" in net.code  # views rewritten
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
 
 
 def test_fixed_attention_scale_and_attention_dropout() -> None:
@@ -151,7 +141,7 @@ def test_fixed_attention_scale_and_attention_dropout() -> None:
     x = torch.randn(2, 6, 5)
     net = GrowableNetwork(model, x)
     net.widen_heads("attn.qkv", head_dim=6)
-    _close(ref, net, x)
+    assert_computes_like(ref, net, x)
 
 
 class DropAttention(nn.Module):
@@ -227,4 +217,4 @@ def test_property_heads_and_head_width_grow_exactly(
     for op in ops if order else ops[::-1]:
         op()
     assert net.blocks[0].k.out_features == (heads + more) * (head_dim + wider)
-    _close(ref, net, x, rel=2e-5)
+    assert_computes_like(ref, net, x, rel=2e-5)
