@@ -409,7 +409,7 @@ def _fetch(root: nn.Module, target: str) -> Any:
 def _tie_embedding_head(
     ctx: AnalysisContext,
     root: nn.Module,
-    head_node: Any,
+    module_nodes: dict[str, list[fx.Node]],
     names: list[str],
     modules: list[nn.Module],
     shown: str,
@@ -424,7 +424,7 @@ def _tie_embedding_head(
     if out_side is None or in_side is None:
         block(names, f"{shown} (tied weights) between layers of unknown channels")
         return
-    if tied.norm_feeding(root, ctx.layouts, head_node(head)) is None:
+    if tied.norm_feeding(root, ctx.layouts, module_nodes[head][0]) is None:
         block(names, tied.no_norm_reason(shown, head))
         return
     label = f"tie:{shown}"
@@ -491,9 +491,7 @@ def _shared_tensors(
             and module_rule_for(modules[0]) is not None
         )
         if not same and tied.embedding_head_tie(dict(zip(names, modules)), users):
-            _tie_embedding_head(
-                ctx, root, lambda n: module_nodes[n][0], names, modules, shown, sides, block
-            )
+            _tie_embedding_head(ctx, root, module_nodes, names, modules, shown, sides, block)
             continue
         if not same:
             block(
